@@ -1,0 +1,25 @@
+// Runtime choices of where and in which storage precision a layer runs.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nsa/tensor.h"
+
+namespace nsa {
+
+enum class Device { kCpu, kCuda };
+
+std::string to_string(Device device);
+Device parse_device(const std::string& name);        // "cpu" | "cuda"
+DType parse_storage_dtype(const std::string& name);  // "fp32" | "bf16" | "fp16"
+std::string storage_name(DType dtype);               // inverse of parse_storage_dtype
+
+// True when this build has the CUDA backend and a CUDA device is present.
+bool cuda_available();
+// One human-readable line per CUDA device found (empty without CUDA).
+std::vector<std::string> cuda_devices();
+// Build options, one "key: value" per line, for `nsa info`.
+std::string build_info();
+
+}  // namespace nsa

@@ -1,0 +1,131 @@
+// Host tensor, dtype names and 16-bit float conversions.
+#include "nsa/tensor.h"
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+
+namespace nsa {
+
+namespace detail {
+void throw_error(const char* file, int line, const std::string& msg) {
+  (void)file;
+  (void)line;
+  throw Error(msg);
+}
+}  // namespace detail
+
+std::string to_string(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kI32:
+      return "I32";
+  }
+  return "?";
+}
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+    case DType::kI32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+  }
+  return 0;
+}
+
+std::string to_string(const Shape& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t v : shape) n *= v;
+  return n;
+}
+
+Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
+  for (int64_t v : shape_)
+    NSA_CHECK(v >= 0, "negative tensor dimension in shape {}", to_string(shape_));
+  bytes_.resize(static_cast<size_t>(nsa::numel(shape_)) * dtype_size(dtype_));
+}
+
+Tensor Tensor::to_f32() const {
+  Tensor out(DType::kF32, shape_);
+  float* dst = out.data<float>();
+  const int64_t n = numel();
+  switch (dtype_) {
+    case DType::kF32:
+      std::memcpy(dst, raw(), nbytes());
+      break;
+    case DType::kBF16:
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(data<uint16_t>()[i]);
+      break;
+    case DType::kF16:
+      for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(data<uint16_t>()[i]);
+      break;
+    case DType::kI32:
+      NSA_FAIL("cannot convert an I32 tensor to F32");
+  }
+  return out;
+}
+
+float bf16_to_f32(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+uint16_t f32_to_bf16(float v) {
+  uint32_t u = std::bit_cast<uint32_t>(v);
+  if (std::isnan(v)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ff;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float mag = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -mag : mag;
+  }
+  if (exp == 31) return std::bit_cast<float>(sign | 0x7f800000u | (man << 13));
+  return std::bit_cast<float>(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+uint16_t f32_to_f16(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000);
+  if (std::isnan(v)) return sign | 0x7e00;
+  const float a = std::fabs(v);
+  if (a >= 65520.0f) return sign | 0x7c00;            // overflow to inf (65520 rounds up)
+  if (a < 6.103515625e-05f) {                         // subnormal range: quantum 2^-24
+    const float q = std::nearbyint(a * 16777216.0f);  // ties to even under default rounding
+    return sign | static_cast<uint16_t>(q);
+  }
+  // Normal: keep 10 mantissa bits with round-to-nearest-even on the f32 bits.
+  uint32_t m = u & 0x7fffffffu;
+  m += 0xfff + ((m >> 13) & 1);
+  const uint32_t exp = (m >> 23) - 112;
+  return sign | static_cast<uint16_t>((exp << 10) | ((m >> 13) & 0x3ff));
+}
+
+float round_to(DType dtype, float v) {
+  switch (dtype) {
+    case DType::kBF16:
+      return bf16_to_f32(f32_to_bf16(v));
+    case DType::kF16:
+      return f16_to_f32(f32_to_f16(v));
+    default:
+      return v;
+  }
+}
+
+}  // namespace nsa
