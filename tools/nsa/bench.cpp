@@ -37,7 +37,8 @@ void add_shape_flags(CLI::App* c, ShapeArgs& a, bool decode) {
   c->add_option("--iters", a.iters, decode ? "Timed decode steps" : "Timed prefills")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  c->add_option("--warmup", a.warmup, decode ? "Untimed decode steps before the timed ones" : "Untimed prefills")
+  c->add_option("--warmup", a.warmup,
+                decode ? "Untimed decode steps before the timed ones" : "Untimed prefills")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   c->add_option("--device", a.device, "auto (GPU when present) | cpu | cuda")
@@ -157,7 +158,8 @@ void measure_reads(nsa::Layer& layer, const nsa::Config& c, const nsa::Tensor& x
     row.reads_expected_decode += nsa::core::expected_reads(t, c) * B * G;
   }
   // The _decode columns are per (sequence, group) sums, like the per-step columns.
-  row.reads_actual_decode = std::llround(static_cast<double>(row.reads_actual_decode) / static_cast<double>(B * G));
+  row.reads_actual_decode =
+      std::llround(static_cast<double>(row.reads_actual_decode) / static_cast<double>(B * G));
   row.reads_expected_decode /= B * G;
 }
 
@@ -167,8 +169,8 @@ void write_decode_csv(const std::string& path, const std::vector<DecodeRow>& row
   out << "S,ms_total,ms_cmp,ms_sel,ms_win,reads_actual,reads_expected,reads_actual_decode,"
          "reads_expected_decode,ms_total_median,ms_cmp_median,ms_sel_median,ms_win_median\n";
   for (const DecodeRow& r : rows) {
-    out << fmt::format("{},{:.3f},{:.3f},{:.3f},{:.3f},{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f}\n", r.S,
-                       r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.reads_actual, r.reads_expected,
+    out << fmt::format("{},{:.3f},{:.3f},{:.3f},{:.3f},{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f}\n",
+                       r.S, r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.reads_actual, r.reads_expected,
                        r.reads_actual_decode, r.reads_expected_decode, r.median[0], r.median[1],
                        r.median[2], r.median[3]);
   }
@@ -204,15 +206,18 @@ int bench_decode(const ShapeArgs& a) {
   for (int64_t S : S_list) {
     DecodeRow row;
     row.S = S;
-    const nsa::Tensor x_prefill = nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
+    const nsa::Tensor x_prefill =
+        nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
     std::vector<nsa::Tensor> steps;
     for (int64_t i = 0; i < n_steps; ++i) {
-      steps.push_back(nsa::random_normal({a.B, 1, c.dim}, a.seed * 7919 + static_cast<uint64_t>(S * 4096 + i)));
+      steps.push_back(
+          nsa::random_normal({a.B, 1, c.dim}, a.seed * 7919 + static_cast<uint64_t>(S * 4096 + i)));
     }
     const char* names[] = {"total", "cmp", "sel", "win"};
     for (int k = 0; k < 4; ++k) {
       progress.step(fmt::format("S={} {}", S, names[k]));
-      const std::vector<double> ms = time_decode(layers[static_cast<size_t>(k)], x_prefill, steps, a.warmup);
+      const std::vector<double> ms =
+          time_decode(layers[static_cast<size_t>(k)], x_prefill, steps, a.warmup);
       row.ms[k] = mean(ms);
       row.median[k] = median(ms);
     }
@@ -221,15 +226,17 @@ int bench_decode(const ShapeArgs& a) {
     rows.push_back(row);
   }
 
-  fmt::print("nsa bench decode: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, l {}, d {}, "
-             "l_sel {}, n_sel {}, w {}, iters {}, warmup {}\n",
-             metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, c.l, c.d,
-             c.l_sel, c.n_sel, c.w, a.iters, a.warmup);
-  fmt::print("{:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15}\n", "S", "ms_total", "ms_cmp", "ms_sel",
-             "ms_win", "p50_total", "reads act/exp");
+  fmt::print(
+      "nsa bench decode: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, l {}, d {}, "
+      "l_sel {}, n_sel {}, w {}, iters {}, warmup {}\n",
+      metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, c.l, c.d, c.l_sel,
+      c.n_sel, c.w, a.iters, a.warmup);
+  fmt::print("{:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15}\n", "S", "ms_total", "ms_cmp",
+             "ms_sel", "ms_win", "p50_total", "reads act/exp");
   for (const DecodeRow& r : rows) {
-    fmt::print("{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15}\n", r.S, r.ms[0], r.ms[1],
-               r.ms[2], r.ms[3], r.median[0], fmt::format("{}/{}", r.reads_actual, r.reads_expected));
+    fmt::print("{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15}\n", r.S, r.ms[0],
+               r.ms[1], r.ms[2], r.ms[3], r.median[0],
+               fmt::format("{}/{}", r.reads_actual, r.reads_expected));
   }
   if (!a.csv.empty()) write_decode_csv(a.csv, rows);
   if (!a.json.empty()) {
@@ -270,7 +277,8 @@ int bench_prefill(const ShapeArgs& a) {
   std::vector<Row> rows;
   for (int64_t S : S_list) {
     progress.step(fmt::format("S={}", S));
-    const nsa::Tensor x = nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
+    const nsa::Tensor x =
+        nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
     std::vector<double> ms;
     for (int64_t i = 0; i < a.warmup + a.iters; ++i) {
       nsa::KVCache cache = layer.new_cache(a.B);
@@ -281,8 +289,10 @@ int bench_prefill(const ShapeArgs& a) {
     }
     rows.push_back({S, mean(ms), median(ms)});
   }
-  fmt::print("nsa bench prefill: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, iters {}, warmup {}\n",
-             metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, a.iters, a.warmup);
+  fmt::print(
+      "nsa bench prefill: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, iters {}, "
+      "warmup {}\n",
+      metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, a.iters, a.warmup);
   fmt::print("{:>7} {:>12} {:>12} {:>14}\n", "S", "ms_prefill", "p50_ms", "tokens_per_s");
   for (const Row& r : rows) {
     fmt::print("{:>7} {:>12.3f} {:>12.3f} {:>14.0f}\n", r.S, r.ms_mean, r.ms_median,
@@ -301,7 +311,8 @@ int bench_prefill(const ShapeArgs& a) {
     nlohmann::json j = run_metadata(a, c, opt);
     j["bench"] = "prefill";
     for (const Row& r : rows) {
-      j["rows"].push_back({{"S", r.S}, {"ms_prefill", r.ms_mean}, {"ms_prefill_median", r.ms_median}});
+      j["rows"].push_back(
+          {{"S", r.S}, {"ms_prefill", r.ms_mean}, {"ms_prefill_median", r.ms_median}});
     }
     std::ofstream(a.json) << j.dump(2) << "\n";
   }
@@ -332,9 +343,11 @@ std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& 
 }
 
 void add_bench_commands(CLI::App& app, BenchCommands& cmds) {
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks (decode: the seed's experiment; prefill)");
+  CLI::App* bench =
+      app.add_subcommand("bench", "Benchmarks (decode: the seed's experiment; prefill)");
   bench->require_subcommand(1);
-  cmds.decode = bench->add_subcommand("decode", "Per-step decode latency per branch and reads (SPEC section 6)");
+  cmds.decode = bench->add_subcommand(
+      "decode", "Per-step decode latency per branch and reads (SPEC section 6)");
   add_shape_flags(cmds.decode, cmds.decode_args, true);
   cmds.prefill = bench->add_subcommand("prefill", "Prefill latency and tokens/s over S_list");
   cmds.prefill_args.iters = 3;

@@ -6,7 +6,6 @@
 #include <cstring>
 
 #include "commands.h"
-
 #include "nsa/device.h"
 #include "nsa/init.h"
 #include "nsa/layer.h"
