@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "nsa/config.h"
 #include "nsa/layer.h"
@@ -38,6 +39,16 @@ class Backend {
   // `inspect` tensors, when requested, are already sized by the caller.
   virtual void forward(CacheState& cache, const float* x, int64_t T, float* y,
                        Inspection* inspect) = 0;
+  // Appends S positions of random unit-variance keys/values to every sequence (compressed tokens
+  // emitted as usual), for benchmarks that need a long cache but not prefill outputs.
+  virtual void fill_random(CacheState& cache, int64_t S, uint64_t seed) = 0;
+  // Runs one decode step per entry of xs ([B, dim] f32 each) and returns the milliseconds of each
+  // step after the first `warmup`, timed the way the backend runs best (CPU: wall clock around
+  // forward; CUDA: events around one CUDA-graph replay per step).
+  // y_scratch: [B, dim] host buffer the CPU path writes outputs to. attention_only (CUDA): time
+  // the attention kernels of the step without the two projection GEMMs.
+  virtual std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs,
+                                          int64_t warmup, float* y_scratch, bool attention_only);
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Config& config, LayerWeights weights,

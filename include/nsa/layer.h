@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "nsa/config.h"
 #include "nsa/device.h"
@@ -85,6 +86,12 @@ class Layer {
   Tensor prefill(KVCache& cache, const Tensor& x, Inspection* inspect = nullptr);
   // x: [B, 1, dim]; one decode step.
   Tensor decode(KVCache& cache, const Tensor& x, Inspection* inspect = nullptr);
+
+  // Benchmark helpers (see Backend): a long random cache without prefill outputs, and timed
+  // decode steps (x_steps: [B, 1, dim] f32 each; returns ms of the steps after `warmup`).
+  void fill_random(KVCache& cache, int64_t S, uint64_t seed);
+  std::vector<double> time_decode(KVCache& cache, const std::vector<Tensor>& x_steps,
+                                  int64_t warmup, bool attention_only = false);
 
   Backend& backend() { return *backend_; }
 

@@ -36,6 +36,7 @@ std::string storage_name(DType dtype) {
 #ifndef NSA_WITH_CUDA
 bool cuda_available() { return false; }
 std::vector<std::string> cuda_devices() { return {}; }
+double cuda_copy_bandwidth_gbs() { return 0.0; }
 #endif
 
 std::string build_info() {

@@ -1,6 +1,7 @@
 // nsa::Layer: validates weights and inputs, sizes inspection outputs, dispatches to a backend.
 #include "nsa/layer.h"
 
+#include <chrono>
 #include <cmath>
 
 #include "nsa/backend.h"
@@ -134,6 +135,41 @@ Tensor Layer::prefill(KVCache& cache, const Tensor& x, Inspection* inspect) {
 
 Tensor Layer::decode(KVCache& cache, const Tensor& x, Inspection* inspect) {
   return run(cache, x, inspect, true);
+}
+
+void Layer::fill_random(KVCache& cache, int64_t S, uint64_t seed) {
+  NSA_CHECK(S >= 0, "fill_random: S must be >= 0, got {}", S);
+  backend_->fill_random(cache.state(), S, seed);
+}
+
+std::vector<double> Layer::time_decode(KVCache& cache, const std::vector<Tensor>& x_steps,
+                                       int64_t warmup, bool attention_only) {
+  CacheState& state = cache.state();
+  std::vector<const float*> xs;
+  for (const Tensor& x : x_steps) {
+    NSA_CHECK(x.dtype() == DType::kF32 && x.shape() == (Shape{state.batch, 1, config_.dim}),
+              "time_decode: each step must be an F32 tensor of shape [{}, 1, {}], got {} {}",
+              state.batch, config_.dim, to_string(x.dtype()), to_string(x.shape()));
+    xs.push_back(x.data<float>());
+  }
+  NSA_CHECK(warmup >= 0 && warmup < static_cast<int64_t>(xs.size()),
+            "time_decode: warmup {} must be in [0, {})", warmup, xs.size());
+  std::vector<float> y(static_cast<size_t>(state.batch * config_.dim));
+  return backend_->time_decode(state, xs, warmup, y.data(), attention_only);
+}
+
+std::vector<double> Backend::time_decode(CacheState& cache, const std::vector<const float*>& xs,
+                                         int64_t warmup, float* y_scratch, bool attention_only) {
+  NSA_CHECK(!attention_only, "attention-only timing needs the CUDA backend");
+  std::vector<double> ms;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    forward(cache, xs[i], 1, y_scratch, nullptr);
+    const auto dt = std::chrono::steady_clock::now() - t0;
+    if (static_cast<int64_t>(i) >= warmup)
+      ms.push_back(std::chrono::duration<double, std::milli>(dt).count());
+  }
+  return ms;
 }
 
 Tensor Layer::run(KVCache& cache, const Tensor& x, Inspection* inspect, bool is_decode) {

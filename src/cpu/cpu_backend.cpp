@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "core/blocks.h"
@@ -105,6 +106,7 @@ class CpuBackend final : public Backend {
     return cache;
   }
 
+  void fill_random(CacheState& state, int64_t S, uint64_t seed) override;
   void forward(CacheState& state, const float* x, int64_t T, float* y,
                Inspection* inspect) override;
 
@@ -112,6 +114,7 @@ class CpuBackend final : public Backend {
   float rnd(float v) const { return round_to(dtype_, v); }
   void linear(const float* in, int64_t rows, int64_t in_dim, const float* W, int64_t out_dim,
               float* out) const;
+  void emit(CpuCache::Seq& s, int64_t L) const;
   void append(CpuCache& cache, const std::vector<float>& proj, int64_t T) const;
   void attend_token(const CpuCache::Seq& seq, const float* q, int64_t t, int64_t g, float* o,
                     Inspection* inspect, int64_t row, std::vector<float>& p,
@@ -136,6 +139,24 @@ void CpuBackend::linear(const float* in, int64_t rows, int64_t in_dim, const flo
       const float* xr = in + r * in_dim;
       for (int64_t o = ch * kChunk; o < std::min(out_dim, (ch + 1) * kChunk); ++o) {
         out[r * out_dim + o] = dot(xr, W + o * in_dim, in_dim);
+      }
+    }
+  }
+}
+
+// Appends compressed token (L - l)/d when the count L emits one (SPEC section 4).
+void CpuBackend::emit(CpuCache::Seq& s, int64_t L) const {
+  const int64_t G = c_.groups, dk = c_.dk, dv = c_.dv;
+  if (core::emits_cmp(L, c_.l, c_.d)) {
+    for (auto [raw, cmp, width] :
+         {std::tuple{&s.k_cmp_raw, &s.k_cmp, dk}, {&s.v_cmp_raw, &s.v_cmp, dv}}) {
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t k = 0; k < width; ++k) {
+          double sum = 0.0;
+          for (int64_t pos = L - c_.l; pos < L; ++pos)
+            sum += (*raw)[static_cast<size_t>((pos * G + g) * width + k)];
+          cmp->push_back(rnd(static_cast<float>(sum / static_cast<double>(c_.l))));
+        }
       }
     }
   }
@@ -171,20 +192,7 @@ void CpuBackend::append(CpuCache& cache, const std::vector<float>& proj, int64_t
         }
         for (size_t k = at; k < out.size(); ++k) out[k] = rnd(out[k]);
       }
-      const int64_t L = len0 + t + 1;
-      if (core::emits_cmp(L, c_.l, c_.d)) {
-        for (auto [raw, cmp, width] :
-             {std::tuple{&s.k_cmp_raw, &s.k_cmp, dk}, {&s.v_cmp_raw, &s.v_cmp, dv}}) {
-          for (int64_t g = 0; g < G; ++g) {
-            for (int64_t k = 0; k < width; ++k) {
-              double sum = 0.0;
-              for (int64_t pos = L - c_.l; pos < L; ++pos)
-                sum += (*raw)[static_cast<size_t>((pos * G + g) * width + k)];
-              cmp->push_back(rnd(static_cast<float>(sum / static_cast<double>(c_.l))));
-            }
-          }
-        }
-      }
+      emit(s, len0 + t + 1);
     }
   }
   cache.length += T;
@@ -347,6 +355,29 @@ void CpuBackend::forward(CacheState& state, const float* x, int64_t T, float* y,
     }
   }
   linear(o.data(), rows, hdv, w_.w_out.data<float>(), dim, y);
+}
+
+void CpuBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
+  auto& cache = static_cast<CpuCache&>(state);
+  const int64_t G = c_.groups, len0 = cache.length;
+  std::mt19937_64 rng(seed);
+  auto draw = [&] {  // unit variance, like the CUDA fill
+    return rnd((static_cast<float>(rng() >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * 1.7320508f);
+  };
+  for (auto& s : cache.seqs) {
+    for (int64_t t = 0; t < S; ++t) {
+      for (auto [v, width] : {std::pair{&s.k_cmp_raw, c_.dk},
+                              {&s.v_cmp_raw, c_.dv},
+                              {&s.k_sel, c_.dk},
+                              {&s.v_sel, c_.dv},
+                              {&s.k_win, c_.dk},
+                              {&s.v_win, c_.dv}}) {
+        for (int64_t e = 0; e < G * width; ++e) v->push_back(draw());
+      }
+      emit(s, len0 + t + 1);
+    }
+  }
+  cache.length += S;
 }
 
 }  // namespace

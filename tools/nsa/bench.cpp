@@ -49,6 +49,13 @@ void add_shape_flags(CLI::App* c, ShapeArgs& a, bool decode) {
       ->capture_default_str();
   c->add_option("--seed", a.seed, "Random seed for weights and inputs")->capture_default_str();
   c->add_option("--threads", a.threads, "CPU threads (0 = all)")->check(CLI::NonNegativeNumber);
+  if (decode) {
+    c->add_option("--fill", a.fill,
+                  "How each fresh cache gets its S tokens: prefill (SPEC section 6) or random "
+                  "(random keys/values, for long contexts where prefill outputs are not measured)")
+        ->check(CLI::IsMember({"prefill", "random"}))
+        ->capture_default_str();
+  }
   c->add_option("--csv", a.csv, "Write the results as CSV");
   c->add_option("--json", a.json, "Write the results and run metadata as JSON");
 }
@@ -114,31 +121,38 @@ std::string metadata_device(const nsa::LayerOptions& o) {
 
 struct DecodeRow {
   int64_t S = 0;
+  double ms_attn = 0;  // CUDA: median ms of the attention kernels alone (no projections)
+  double attn_bytes = 0;
   double ms[4] = {};      // total, cmp, sel, win: mean per step
   double median[4] = {};  // the same, median per step
   int64_t reads_actual = 0, reads_expected = 0, reads_actual_decode = 0, reads_expected_decode = 0;
 };
 
-// Per-step milliseconds of `steps` decode steps after prefilling `x_prefill` on a fresh cache.
-std::vector<double> time_decode(nsa::Layer& layer, const nsa::Tensor& x_prefill,
-                                const std::vector<nsa::Tensor>& steps, int64_t warmup) {
-  nsa::KVCache cache = layer.new_cache(x_prefill.dim(0));
-  layer.prefill(cache, x_prefill);
-  std::vector<double> ms;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const auto t0 = Clock::now();
-    layer.decode(cache, steps[i]);
-    const double dt = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    if (static_cast<int64_t>(i) >= warmup) ms.push_back(dt);
+// A fresh cache holding S tokens: prefilled from x_prefill, or filled with random keys/values.
+nsa::KVCache fresh_cache(nsa::Layer& layer, const ShapeArgs& a, const nsa::Tensor& x_prefill) {
+  nsa::KVCache cache = layer.new_cache(a.B);
+  if (a.fill == "random") {
+    layer.fill_random(cache, x_prefill.dim(1), a.seed + static_cast<uint64_t>(x_prefill.dim(1)));
+  } else {
+    layer.prefill(cache, x_prefill);
   }
-  return ms;
+  return cache;
+}
+
+// Per-step milliseconds of the timed decode steps on a fresh cache (the backend's own timing:
+// wall clock on the CPU, CUDA events around one graph replay per step on the GPU).
+std::vector<double> time_decode(nsa::Layer& layer, const ShapeArgs& a, const nsa::Tensor& x_prefill,
+                                const std::vector<nsa::Tensor>& steps,
+                                bool attention_only = false) {
+  nsa::KVCache cache = fresh_cache(layer, a, x_prefill);
+  return layer.time_decode(cache, steps, a.warmup, attention_only);
 }
 
 // Reads at the timed steps, measured from the selection on a fresh cache with the same inputs.
-void measure_reads(nsa::Layer& layer, const nsa::Config& c, const nsa::Tensor& x_prefill,
-                   const std::vector<nsa::Tensor>& steps, int64_t warmup, DecodeRow& row) {
-  nsa::KVCache cache = layer.new_cache(x_prefill.dim(0));
-  layer.prefill(cache, x_prefill);
+void measure_reads(nsa::Layer& layer, const ShapeArgs& a, const nsa::Config& c,
+                   const nsa::Tensor& x_prefill, const std::vector<nsa::Tensor>& steps,
+                   int64_t warmup, DecodeRow& row) {
+  nsa::KVCache cache = fresh_cache(layer, a, x_prefill);
   nsa::Inspection ins;
   ins.want.reads = true;
   const int64_t B = x_prefill.dim(0), G = c.groups;
@@ -167,12 +181,14 @@ void write_decode_csv(const std::string& path, const std::vector<DecodeRow>& row
   std::ofstream out(path);
   NSA_CHECK(out.good(), "cannot open '{}' for writing", path);
   out << "S,ms_total,ms_cmp,ms_sel,ms_win,reads_actual,reads_expected,reads_actual_decode,"
-         "reads_expected_decode,ms_total_median,ms_cmp_median,ms_sel_median,ms_win_median\n";
+         "reads_expected_decode,ms_total_median,ms_cmp_median,ms_sel_median,ms_win_median,"
+         "ms_attn_median,attn_bytes\n";
   for (const DecodeRow& r : rows) {
-    out << fmt::format("{},{:.3f},{:.3f},{:.3f},{:.3f},{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f}\n",
-                       r.S, r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.reads_actual, r.reads_expected,
-                       r.reads_actual_decode, r.reads_expected_decode, r.median[0], r.median[1],
-                       r.median[2], r.median[3]);
+    out << fmt::format(
+        "{},{:.3f},{:.3f},{:.3f},{:.3f},{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.0f}\n",
+        r.S, r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.reads_actual, r.reads_expected,
+        r.reads_actual_decode, r.reads_expected_decode, r.median[0], r.median[1], r.median[2],
+        r.median[3], r.ms_attn, r.attn_bytes);
   }
   NSA_CHECK(out.good(), "failed writing '{}'", path);
 }
@@ -201,6 +217,8 @@ int bench_decode(const ShapeArgs& a) {
     layers.emplace_back(c, forced, opt);
   }
   const int64_t n_steps = a.warmup + a.iters;
+  NSA_CHECK(a.fill == "prefill" || a.fill == "random",
+            "--fill {} is invalid; allowed: prefill, random", a.fill);
   Progress progress(static_cast<int64_t>(S_list.size()) * 5);
   std::vector<DecodeRow> rows;
   for (int64_t S : S_list) {
@@ -217,12 +235,15 @@ int bench_decode(const ShapeArgs& a) {
     for (int k = 0; k < 4; ++k) {
       progress.step(fmt::format("S={} {}", S, names[k]));
       const std::vector<double> ms =
-          time_decode(layers[static_cast<size_t>(k)], x_prefill, steps, a.warmup);
+          time_decode(layers[static_cast<size_t>(k)], a, x_prefill, steps);
       row.ms[k] = mean(ms);
       row.median[k] = median(ms);
     }
+    if (opt.device == nsa::Device::kCuda) {
+      row.ms_attn = median(time_decode(layers[0], a, x_prefill, steps, true));
+    }
     progress.step(fmt::format("S={} reads", S));
-    measure_reads(layers[0], c, x_prefill, steps, a.warmup, row);
+    measure_reads(layers[0], a, c, x_prefill, steps, a.warmup, row);
     rows.push_back(row);
   }
 
@@ -231,17 +252,31 @@ int bench_decode(const ShapeArgs& a) {
       "l_sel {}, n_sel {}, w {}, iters {}, warmup {}\n",
       metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, c.l, c.d, c.l_sel,
       c.n_sel, c.w, a.iters, a.warmup);
-  fmt::print("{:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15}\n", "S", "ms_total", "ms_cmp",
-             "ms_sel", "ms_win", "p50_total", "reads act/exp");
-  for (const DecodeRow& r : rows) {
-    fmt::print("{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15}\n", r.S, r.ms[0],
-               r.ms[1], r.ms[2], r.ms[3], r.median[0],
-               fmt::format("{}/{}", r.reads_actual, r.reads_expected));
+  const double bw = opt.device == nsa::Device::kCuda ? nsa::cuda_copy_bandwidth_gbs() : 0.0;
+  const double esize = static_cast<double>(nsa::dtype_size(opt.dtype));
+  for (DecodeRow& r : rows) {
+    // Bytes the attention must read per step: tokens read x B x G x (dk + dv) x element size.
+    r.attn_bytes = static_cast<double>(r.reads_actual * a.B * c.groups * (c.dk + c.dv)) * esize;
   }
+  fmt::print("{:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {:>10} {:>9} {:>8}\n", "S",
+             "ms_total", "ms_cmp", "ms_sel", "ms_win", "p50_total", "reads act/exp", "p50_attn",
+             "attn_MB", "%bw");
+  for (const DecodeRow& r : rows) {
+    const double pct =
+        r.ms_attn > 0 && bw > 0 ? 100.0 * r.attn_bytes / (r.ms_attn * 1e-3) / (bw * 1e9) : 0.0;
+    fmt::print(
+        "{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15} {:>10.4f} {:>9.2f} "
+        "{:>8.1f}\n",
+        r.S, r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.median[0],
+        fmt::format("{}/{}", r.reads_actual, r.reads_expected), r.ms_attn, r.attn_bytes / 1e6, pct);
+  }
+  if (bw > 0) fmt::print("device copy bandwidth (read + write): {:.0f} GB/s\n", bw);
   if (!a.csv.empty()) write_decode_csv(a.csv, rows);
   if (!a.json.empty()) {
     nlohmann::json j = run_metadata(a, c, opt);
     j["bench"] = "decode";
+    j["copy_bandwidth_gbs"] = bw;
+    j["fill"] = a.fill;
     for (const DecodeRow& r : rows) {
       j["rows"].push_back({{"S", r.S},
                            {"ms_total", r.ms[0]},
@@ -255,7 +290,9 @@ int bench_decode(const ShapeArgs& a) {
                            {"reads_actual", r.reads_actual},
                            {"reads_expected", r.reads_expected},
                            {"reads_actual_decode", r.reads_actual_decode},
-                           {"reads_expected_decode", r.reads_expected_decode}});
+                           {"reads_expected_decode", r.reads_expected_decode},
+                           {"ms_attn_median", r.ms_attn},
+                           {"attn_bytes", r.attn_bytes}});
     }
     std::ofstream(a.json) << j.dump(2) << "\n";
   }

@@ -12,7 +12,7 @@ struct ShapeArgs {
           n_sel = 16, w = 512;
   std::string S_list = "128,256,512,1024";
   int64_t iters = 32, warmup = 8;
-  std::string device = "auto", dtype = "fp32", csv, json;
+  std::string device = "auto", dtype = "fp32", csv, json, fill = "prefill";
   uint64_t seed = 0;
   int threads = 0;
 };

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One device call: build with CUDA, run the GPU tests (and compute-sanitizer), then the CUDA
+# benchmarks; logs and CSVs go to $OUT (default ./device-out). Run from the repository root:
+#   scripts/vendor_deps.sh            # here, once: headers + GoogleTest for the GPU machine
+#   device run --carry .deps -- scripts/device_run.sh [quick]
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+MODE=${1:-full}
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+log "build"
+cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DNSA_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="90a;80" > "$OUT/build.log" 2>&1 &&
+  cmake --build build-dev -j 16 >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+grep -E "registers|spill" "$OUT/build.log" | head -20
+NSA=./build-dev/nsa
+$NSA info | tee -a "$OUT/summary.txt"
+
+log "tests (all suites, GPU included)"
+(cd build-dev && ctest -j 8 --output-on-failure > "$OUT/ctest.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
+grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15 | tee -a "$OUT/summary.txt"
+
+log "compute-sanitizer memcheck + racecheck"
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 ./build-dev/tests/nsa_tests \
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*' > "$OUT/sanitizer_$tool.log" 2>&1
+  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+done
+[ "$MODE" = quick ] && exit 0
+
+log "seed decode benchmark on the GPU"
+$NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
+  --device cuda --csv "$OUT/decode_cuda_seed.csv" --json "$OUT/decode_cuda_seed.json" | tee -a "$OUT/summary.txt"
+
+log "paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), bf16, random-filled cache"
+for B in 1 16; do
+  $NSA bench decode --B $B --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 8192,16384,32768,65536 \
+    --iters 20 --warmup 5 --device cuda --dtype bf16 --fill random \
+    --csv "$OUT/decode_cuda_paper_B$B.csv" | tee -a "$OUT/summary.txt"
+done
+log "dense attention decode (PyTorch SDPA) on the same GPU"
+PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"

@@ -1,0 +1,524 @@
+// The CUDA backend: weights and KV cache in device memory (fp32, bf16 or fp16 storage, fp32
+// accumulation), cuBLAS projections, and the step kernels of decode/step_kernels.cuh. A step
+// makes no allocation and no host synchronisation, so the decode benchmark replays a CUDA graph.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "core/blocks.h"
+#include "cuda/common/check.h"
+#include "cuda/decode/step_kernels.cuh"
+#include "nsa/backend.h"
+
+namespace nsa {
+
+bool cuda_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::vector<std::string> cuda_devices() {
+  std::vector<std::string> out;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return out;
+  for (int i = 0; i < n; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+    out.push_back(fmt::format("{}: {} (sm_{}{}, {} SMs, {:.1f} GiB)", i, prop.name, prop.major, prop.minor,
+                              prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / (1 << 30)));
+  }
+  return out;
+}
+
+double cuda_copy_bandwidth_gbs() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  NSA_CUDA_CHECK(cudaMalloc(&a, bytes));
+  NSA_CUDA_CHECK(cudaMalloc(&b, bytes));
+  NSA_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  NSA_CUDA_CHECK(cudaEventCreate(&e0));
+  NSA_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    NSA_CUDA_CHECK(cudaEventRecord(e0));
+    NSA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    NSA_CUDA_CHECK(cudaEventRecord(e1));
+    NSA_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0.f;
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) / (0.5 * (ms[4] + ms[5]) * 1e-3) / 1e9;
+}
+
+namespace {
+
+using cuda::StepParams;
+
+// Owning device buffer.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0) NSA_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  void* get() const { return ptr_; }
+  template <typename U>
+  U* as() const {
+    return static_cast<U*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct CudaCache : CacheState {
+  int64_t cap = 0, cap_cmp = 0;
+  // [B, G, cap, dk|dv] each; compressed stream [B, G, cap_cmp, dk|dv]
+  DeviceBuffer k_cmp_raw, v_cmp_raw, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp;
+  DeviceBuffer len;  // int64 [1], the device copy of `length`
+};
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::kF32: return CUDA_R_32F;
+    case DType::kBF16: return CUDA_R_16BF;
+    case DType::kF16: return CUDA_R_16F;
+    default: NSA_FAIL("storage dtype {} is not supported by the CUDA backend; allowed: fp32, bf16, fp16", to_string(t));
+  }
+}
+
+// Host f32 -> storage-type bytes.
+std::vector<uint8_t> to_storage(const float* src, int64_t n, DType t) {
+  std::vector<uint8_t> out(static_cast<size_t>(n) * dtype_size(t));
+  if (t == DType::kF32) {
+    std::memcpy(out.data(), src, out.size());
+  } else {
+    auto* dst = reinterpret_cast<uint16_t*>(out.data());
+    for (int64_t i = 0; i < n; ++i) dst[i] = t == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+  }
+  return out;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o);
+  ~CudaBackend() override;
+
+  Device device() const override { return Device::kCuda; }
+  std::unique_ptr<CacheState> new_cache(int64_t batch) const override;
+  void forward(CacheState& cache, const float* x, int64_t T, float* y, Inspection* inspect) override;
+  void fill_random(CacheState& cache, int64_t S, uint64_t seed) override;
+  std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs, int64_t warmup,
+                                  float* y_scratch, bool attention_only) override;
+
+ private:
+  void reserve(CudaCache& cache, int64_t tokens) const;
+  void ensure_workspace(int64_t rows, const CudaCache& cache);
+  StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all, int64_t advance) const;
+  // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
+  void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true);
+  template <typename T>
+  void enqueue_kernels(const StepParams& p);
+
+  Config c_;
+  DType dtype_;
+  size_t esize_;
+  int64_t P_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  DeviceBuffer blas_ws_;
+  DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
+  // Workspace for up to ws_rows_ rows (grown outside graph capture only).
+  int64_t ws_rows_ = 0, ws_cap_cmp_ = 0;
+  DeviceBuffer x_, proj_, q_, gates_, logits_, part_m_, part_s_, part_o_, sel_blocks_, sel_count_,
+      reads_, reads_acc_, o_cmp_, o_sel_, o_win_, o_, y_;
+};
+
+CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
+    : c_(c), dtype_(o.dtype), esize_(dtype_size(o.dtype)) {
+  cuda_type(dtype_);
+  NSA_CHECK(c.n_sel <= 64, "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64", c.n_sel);
+  NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  NSA_CUBLAS_CHECK(cublasCreate(&blas_));
+  NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+  NSA_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH));  // fp32 stays fp32 (no TF32)
+  blas_ws_ = DeviceBuffer(32u << 20);  // a fixed cuBLAS workspace keeps graph capture allocation-free
+  NSA_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_.get(), blas_ws_.bytes()));
+
+  std::vector<float> w_in;
+  for (const Tensor* t : {&w.w_q, &w.w_k_cmp, &w.w_v_cmp, &w.w_k_sel, &w.w_v_sel, &w.w_k_win, &w.w_v_win}) {
+    w_in.insert(w_in.end(), t->data<float>(), t->data<float>() + t->numel());
+  }
+  P_ = static_cast<int64_t>(w_in.size()) / c.dim;
+  auto upload = [&](const float* src, int64_t n, DType t) {
+    const auto bytes = to_storage(src, n, t);
+    DeviceBuffer b(bytes.size());
+    NSA_CUDA_CHECK(cudaMemcpy(b.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+    return b;
+  };
+  w_in_ = upload(w_in.data(), static_cast<int64_t>(w_in.size()), dtype_);
+  w_out_ = upload(w.w_out.data<float>(), w.w_out.numel(), dtype_);
+  fc1_w_ = upload(w.fc1_w.data<float>(), w.fc1_w.numel(), DType::kF32);
+  fc1_b_ = upload(w.fc1_b.data<float>(), w.fc1_b.numel(), DType::kF32);
+  fc2_w_ = upload(w.fc2_w.data<float>(), w.fc2_w.numel(), DType::kF32);
+  fc2_b_ = upload(w.fc2_b.data<float>(), w.fc2_b.numel(), DType::kF32);
+}
+
+CudaBackend::~CudaBackend() {
+  if (blas_) cublasDestroy(blas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
+  auto cache = std::make_unique<CudaCache>();
+  cache->batch = batch;
+  cache->len = DeviceBuffer(sizeof(int64_t));
+  NSA_CUDA_CHECK(cudaMemsetAsync(cache->len.get(), 0, sizeof(int64_t), stream_));
+  reserve(*cache, 1024);
+  return cache;
+}
+
+// Grows the cache to hold `tokens` positions per sequence, keeping its contents.
+void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
+  if (tokens <= cache.cap) return;
+  const int64_t cap = std::max({tokens, 2 * cache.cap, int64_t{1024}});
+  const int64_t cap_cmp = std::max<int64_t>(1, core::num_cmp(cap, c_.l, c_.d));
+  const int64_t BG = cache.batch * c_.groups;
+  auto grow = [&](DeviceBuffer& buf, int64_t old_cap, int64_t new_cap, int64_t width) {
+    DeviceBuffer nb(static_cast<size_t>(BG * new_cap * width) * esize_);
+    if (buf.get() && old_cap > 0) {
+      const size_t old_pitch = static_cast<size_t>(old_cap * width) * esize_;
+      NSA_CUDA_CHECK(cudaMemcpy2DAsync(nb.get(), static_cast<size_t>(new_cap * width) * esize_, buf.get(), old_pitch,
+                                       old_pitch, static_cast<size_t>(BG), cudaMemcpyDeviceToDevice, stream_));
+      NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // before the old buffer is freed
+    }
+    buf = std::move(nb);
+  };
+  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk}, {&cache.v_cmp_raw, c_.dv}, {&cache.k_sel, c_.dk},
+                            {&cache.v_sel, c_.dv}, {&cache.k_win, c_.dk}, {&cache.v_win, c_.dv}}) {
+    grow(*buf, cache.cap, cap, width);
+  }
+  grow(cache.k_cmp, cache.cap_cmp, cap_cmp, c_.dk);
+  grow(cache.v_cmp, cache.cap_cmp, cap_cmp, c_.dv);
+  cache.cap = cap;
+  cache.cap_cmp = cap_cmp;
+}
+
+size_t attn_smem_bytes(const Config& c) {
+  const int64_t h = c.heads / c.groups;
+  return sizeof(float) * static_cast<size_t>(h * c.dk + cuda::kKeyTile * (c.dk + 1) + cuda::kKeyTile * c.dv +
+                                             h * cuda::kKeyTile + h * c.dv + 3 * h);
+}
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+  if (bytes > (48u << 10)) {
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+void CudaBackend::ensure_workspace(int64_t rows, const CudaCache& cache) {
+  if (rows <= ws_rows_ && cache.cap_cmp <= ws_cap_cmp_) return;
+  rows = std::max(rows, ws_rows_);
+  const int64_t H = c_.heads, G = c_.groups, dv = c_.dv, h = c_.heads_per_group();
+  StepParams shape = params(const_cast<CudaCache&>(cache), 1, 0, rows, false, 0);
+  const int64_t NS = cuda::n_splits_total(shape);
+  auto f32 = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * sizeof(float)); };
+  auto st = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * esize_); };
+  x_ = st(rows * c_.dim);
+  proj_ = f32(rows * P_);
+  q_ = st(rows * H * c_.dk);
+  gates_ = f32(rows * G * 3);
+  logits_ = f32(rows * H * cache.cap_cmp);
+  part_m_ = f32(rows * G * NS * h);
+  part_s_ = f32(rows * G * NS * h);
+  part_o_ = f32(rows * G * NS * h * dv);
+  sel_blocks_ = DeviceBuffer(static_cast<size_t>(rows * G * c_.n_sel) * sizeof(int32_t));
+  sel_count_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(int32_t));
+  reads_ = DeviceBuffer(static_cast<size_t>(rows * G * 3) * sizeof(int32_t));
+  if (!reads_acc_.get()) {
+    reads_acc_ = DeviceBuffer(3 * sizeof(unsigned long long));
+    NSA_CUDA_CHECK(cudaMemset(reads_acc_.get(), 0, reads_acc_.bytes()));
+  }
+  o_cmp_ = f32(rows * H * dv);
+  o_sel_ = f32(rows * H * dv);
+  o_win_ = f32(rows * H * dv);
+  o_ = st(rows * H * dv);
+  y_ = f32(rows * c_.dim);
+  ws_rows_ = rows;
+  ws_cap_cmp_ = cache.cap_cmp;
+}
+
+StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
+                               int64_t advance) const {
+  StepParams p{};
+  p.B = cache.batch;
+  p.T = T;
+  p.row0 = row0;
+  p.R = R;
+  p.H = c_.heads;
+  p.G = c_.groups;
+  p.h = c_.heads_per_group();
+  p.dk = c_.dk;
+  p.dv = c_.dv;
+  p.dim = c_.dim;
+  p.P = P_;
+  p.l = c_.l;
+  p.d = c_.d;
+  p.l_sel = c_.l_sel;
+  p.n_sel = c_.n_sel;
+  p.w = c_.w;
+  p.g_hid = c_.gate_hidden;
+  p.cap = cache.cap;
+  p.cap_cmp = cache.cap_cmp;
+  p.n_cmp_splits = (core::num_cmp(cache.cap, c_.l, c_.d) + cuda::kCmpChunk - 1) / cuda::kCmpChunk;
+  p.n_win_splits = (std::min(c_.w, cache.cap) + cuda::kWinChunk - 1) / cuda::kWinChunk;
+  p.gate_sigmoid = c_.gate == GateKind::kSigmoid;
+  p.gate_temp = static_cast<float>(c_.gate_temp);
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c_.dk)));
+  p.rope_theta = c_.rope_theta;
+  p.compute_all = compute_all;
+  p.len = cache.len.as<int64_t>();
+  p.len_out = advance > 0 ? cache.len.as<int64_t>() : nullptr;
+  p.advance = advance;
+  p.proj = proj_.as<float>();
+  p.fc1_w = fc1_w_.as<float>();
+  p.fc1_b = fc1_b_.as<float>();
+  p.fc2_w = fc2_w_.as<float>();
+  p.fc2_b = fc2_b_.as<float>();
+  p.k_cmp_raw = cache.k_cmp_raw.get();
+  p.v_cmp_raw = cache.v_cmp_raw.get();
+  p.k_sel = cache.k_sel.get();
+  p.v_sel = cache.v_sel.get();
+  p.k_win = cache.k_win.get();
+  p.v_win = cache.v_win.get();
+  p.k_cmp = cache.k_cmp.get();
+  p.v_cmp = cache.v_cmp.get();
+  p.q = q_.get();
+  p.gates = gates_.as<float>();
+  p.cmp_logits = logits_.as<float>();
+  p.part_m = part_m_.as<float>();
+  p.part_s = part_s_.as<float>();
+  p.part_o = part_o_.as<float>();
+  p.sel_blocks = sel_blocks_.as<int32_t>();
+  p.sel_count = sel_count_.as<int32_t>();
+  p.reads = reads_.as<int32_t>();
+  p.reads_acc = reads_acc_.as<unsigned long long>();
+  p.o_cmp = o_cmp_.as<float>();
+  p.o_sel = o_sel_.as<float>();
+  p.o_win = o_win_.as<float>();
+  p.o = o_.get();
+  return p;
+}
+
+template <typename T>
+void CudaBackend::enqueue_kernels(const StepParams& p) {
+  const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
+  cuda::nsa_append_gate_kernel<T><<<R, 256, sizeof(float) * static_cast<size_t>(p.dk + p.g_hid), stream_>>>(p);
+  NSA_CUDA_CHECK_LAUNCH();
+  cuda::nsa_emit_kernel<T><<<dim3(R, static_cast<unsigned>(p.G)), 128, 0, stream_>>>(p);
+  NSA_CUDA_CHECK_LAUNCH();
+  const size_t attn_smem = attn_smem_bytes(c_);
+  allow_smem(cuda::nsa_attn_split_kernel<T>, attn_smem);
+  const auto splits_a = static_cast<unsigned>(std::max<int64_t>(1, p.n_cmp_splits + p.n_win_splits));
+  cuda::nsa_attn_split_kernel<T><<<dim3(RG, splits_a), 128, attn_smem, stream_>>>(p, 0);
+  NSA_CUDA_CHECK_LAUNCH();
+  const size_t sel_smem = sizeof(float) * static_cast<size_t>(2 * p.h + p.cap / p.l_sel + 1);
+  allow_smem(cuda::nsa_select_kernel, sel_smem);
+  cuda::nsa_select_kernel<<<RG, 256, sel_smem, stream_>>>(p);
+  NSA_CUDA_CHECK_LAUNCH();
+  cuda::nsa_attn_split_kernel<T><<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
+  NSA_CUDA_CHECK_LAUNCH();
+  cuda::nsa_combine_kernel<T><<<R, 256, 0, stream_>>>(p);
+  NSA_CUDA_CHECK_LAUNCH();
+}
+
+void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
+  const float one = 1.f, zero = 0.f;
+  const cudaDataType_t t = cuda_type(dtype_);
+  if (!gemms) {  // attention-only timing: the kernels read the projection left by the last step
+    switch (dtype_) {
+      case DType::kF32: enqueue_kernels<float>(p); break;
+      case DType::kBF16: enqueue_kernels<__nv_bfloat16>(p); break;
+      default: enqueue_kernels<__half>(p); break;
+    }
+    return;
+  }
+  // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T).
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_), static_cast<int>(p.R),
+                                static_cast<int>(c_.dim), &one, w_in_.get(), t, static_cast<int>(c_.dim), x_dev, t,
+                                static_cast<int>(c_.dim), &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  switch (dtype_) {
+    case DType::kF32: enqueue_kernels<float>(p); break;
+    case DType::kBF16: enqueue_kernels<__nv_bfloat16>(p); break;
+    case DType::kF16: enqueue_kernels<__half>(p); break;
+    default: NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
+  }
+  const int HDV = static_cast<int>(c_.heads * c_.dv);
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim), static_cast<int>(p.R), HDV,
+                                &one, w_out_.get(), t, HDV, o_.get(), t, HDV, &zero, y_dev, CUDA_R_32F,
+                                static_cast<int>(c_.dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y, Inspection* inspect) {
+  auto& cache = static_cast<CudaCache&>(state);
+  const int64_t B = cache.batch, rows = B * T;
+  reserve(cache, cache.length + T);
+  const bool all = inspect != nullptr && inspect->want.any();
+  // Rows per launch: bounded so the per-row workspace (cmp logits, split partials) stays modest.
+  StepParams shape = params(cache, T, 0, 1, all, 0);
+  const int64_t per_row = (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
+                          P_ * 4 + c_.dim * 8;
+  const int64_t chunk = std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, std::min<int64_t>(rows, 4096));
+  ensure_workspace(chunk, cache);
+  const auto xs = to_storage(x, rows * c_.dim, dtype_);
+  for (int64_t row0 = 0; row0 < rows; row0 += chunk) {
+    const int64_t R = std::min(chunk, rows - row0);
+    const StepParams p = params(cache, T, row0, R, all, row0 + R == rows ? T : 0);
+    NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
+                                   static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
+    enqueue_step(p, x_.get(), y_.as<float>());
+    NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(), static_cast<size_t>(R * c_.dim) * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_));
+    if (all) {
+      auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
+        if (dst.empty()) return;
+        const size_t bytes = static_cast<size_t>(R * per) * 4;
+        NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(), bytes,
+                                       cudaMemcpyDeviceToHost, stream_));
+      };
+      back(inspect->gates, gates_, c_.groups * 3);
+      back(inspect->sel_blocks, sel_blocks_, c_.groups * c_.n_sel);
+      back(inspect->o_cmp, o_cmp_, c_.heads * c_.dv);
+      back(inspect->o_sel, o_sel_, c_.heads * c_.dv);
+      back(inspect->o_win, o_win_, c_.heads * c_.dv);
+      back(inspect->reads, reads_, c_.groups * 3);
+    }
+    // The next chunk reuses the workspace and x_ buffer.
+    NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  cache.length += T;
+}
+
+// kind: 0 f32, 1 bf16, 2 f16.
+__global__ void nsa_fill_random_kernel(void* dst, int kind, int64_t BG, int64_t cap, int64_t width,
+                                       int64_t pos0, int64_t S, uint64_t seed) {
+  const int64_t n = BG * S * width;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t bg = i / (S * width), pos = pos0 + (i / width) % S, e = i % width;
+    uint64_t z = seed ^ (static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float v = (static_cast<float>(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * 1.7320508f;  // unit variance
+    const int64_t at = (bg * cap + pos) * width + e;
+    if (kind == 0) {
+      static_cast<float*>(dst)[at] = v;
+    } else if (kind == 2) {
+      static_cast<__half*>(dst)[at] = __float2half_rn(v);
+    } else {
+      static_cast<__nv_bfloat16*>(dst)[at] = __float2bfloat16_rn(v);
+    }
+  }
+}
+
+void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
+  auto& cache = static_cast<CudaCache&>(state);
+  reserve(cache, cache.length + S);
+  const int64_t BG = cache.batch * c_.groups;
+  uint64_t salt = seed * 6 + 12345;
+  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk}, {&cache.v_cmp_raw, c_.dv}, {&cache.k_sel, c_.dk},
+                            {&cache.v_sel, c_.dv}, {&cache.k_win, c_.dk}, {&cache.v_win, c_.dv}}) {
+    const int kind = dtype_ == DType::kF32 ? 0 : dtype_ == DType::kBF16 ? 1 : 2;
+    nsa_fill_random_kernel<<<1024, 256, 0, stream_>>>(buf->get(), kind, BG, cache.cap, width,
+                                                       cache.length, S, ++salt);
+    NSA_CUDA_CHECK_LAUNCH();
+  }
+  // Emit the compressed tokens of the new positions with the regular kernel (rows = B * S).
+  ensure_workspace(1, cache);
+  StepParams p = params(cache, S, 0, cache.batch * S, false, 0);
+  auto emit = dtype_ == DType::kF32 ? cuda::nsa_emit_kernel<float>
+              : dtype_ == DType::kBF16 ? cuda::nsa_emit_kernel<__nv_bfloat16>
+                                       : cuda::nsa_emit_kernel<__half>;
+  emit<<<dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), 128, 0, stream_>>>(p);
+  NSA_CUDA_CHECK_LAUNCH();
+  cache.length += S;
+  NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &cache.length, sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
+  NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vector<const float*>& xs, int64_t warmup,
+                                             float* /*y_scratch*/, bool attention_only) {
+  auto& cache = static_cast<CudaCache&>(state);
+  const int64_t B = cache.batch, n = static_cast<int64_t>(xs.size());
+  reserve(cache, cache.length + n);
+  ensure_workspace(B, cache);
+  std::vector<uint8_t> host;
+  for (const float* x : xs) {
+    const auto s = to_storage(x, B * c_.dim, dtype_);
+    host.insert(host.end(), s.begin(), s.end());
+  }
+  DeviceBuffer pool(host.size());
+  NSA_CUDA_CHECK(cudaMemcpy(pool.get(), host.data(), host.size(), cudaMemcpyHostToDevice));
+  const StepParams p = params(cache, 1, 0, B, false, 1);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  NSA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  enqueue_step(p, x_.get(), y_.as<float>(), !attention_only);
+  NSA_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  NSA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<cudaEvent_t> ev(static_cast<size_t>(2 * n));
+  for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
+  const size_t step_bytes = static_cast<size_t>(B * c_.dim) * esize_;
+  for (int64_t i = 0; i < n; ++i) {
+    NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes, cudaMemcpyDeviceToDevice,
+                                   stream_));
+    NSA_CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(2 * i)], stream_));
+    NSA_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    NSA_CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(2 * i + 1)], stream_));
+  }
+  NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<double> ms;
+  for (int64_t i = warmup; i < n; ++i) {
+    float t = 0.f;
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, ev[static_cast<size_t>(2 * i)], ev[static_cast<size_t>(2 * i + 1)]));
+    ms.push_back(t);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cache.length += n;
+  return ms;
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const Config& config, const LayerWeights& weights,
+                                           const LayerOptions& options) {
+  return std::make_unique<CudaBackend>(config, weights, options);
+}
+
+}  // namespace nsa

@@ -1,0 +1,433 @@
+// Device code of one NSA step (decode, or a chunk of prefill rows): RoPE + cache append + gate,
+// compressed-token emission, split attention (cmp / win / sel), scoring + top-n selection, and
+// the gated combine. Each K/V tile is loaded once into shared memory for all heads of a group.
+#pragma once
+
+#include <cfloat>
+
+#include "cuda/common/types.cuh"
+#include "cuda/decode/step_params.h"
+
+namespace nsa::cuda {
+
+constexpr int kKeyTile = 16;  // keys per shared-memory tile in the attention kernels
+
+struct RowInfo {
+  int64_t r, b, t, L;
+};
+
+__device__ __forceinline__ RowInfo row_info(const StepParams& p, int64_t r) {
+  const int64_t row = p.row0 + r;
+  const int64_t t = *p.len + row % p.T;
+  return {r, row / p.T, t, t + 1};
+}
+
+__device__ __forceinline__ int64_t cache_at(const StepParams& p, int64_t b, int64_t g, int64_t pos,
+                                            int64_t width, int64_t cap) {
+  return ((b * p.G + g) * cap + pos) * width;
+}
+
+__device__ __forceinline__ bool branch_needed(const StepParams& p, const float* gate, int branch) {
+  if (p.compute_all) return true;
+  // The selection needs the compressed scores even when the cmp output is gated off.
+  if (branch == 0) return gate[0] != 0.f || gate[1] != 0.f;
+  return gate[branch] != 0.f;
+}
+
+// --- 1. RoPE, cache append, gate ------------------------------------------------------------
+template <typename T>
+__global__ void nsa_append_gate_kernel(StepParams p) {
+  extern __shared__ float smem[];  // u[dk], hid[g_hid]
+  const RowInfo ri = row_info(p, blockIdx.x);
+  const float* pr = p.proj + ri.r * p.P;
+  T* q = static_cast<T*>(p.q) + ri.r * p.H * p.dk;
+  const int64_t half = p.dk / 2;
+  // Rotate (q heads, then the three keys) pair by pair; angles in double (positions reach 1e5).
+  const int64_t n_pairs = (p.H + 3 * p.G) * half;
+  for (int64_t i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+    const int64_t vec = i / half, j = i % half;
+    const double a = static_cast<double>(ri.t) * pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
+    double sn, cs;
+    sincos(a, &sn, &cs);
+    const float* src;
+    T* dst;
+    if (vec < p.H) {
+      src = pr + vec * p.dk;
+      dst = q + vec * p.dk;
+    } else {
+      const int64_t kv = (vec - p.H) / p.G, g = (vec - p.H) % p.G;  // kv: 0 cmp, 1 sel, 2 win
+      src = pr + p.H * p.dk + kv * p.G * (p.dk + p.dv) + g * p.dk;
+      void* base = kv == 0 ? p.k_cmp_raw : kv == 1 ? p.k_sel : p.k_win;
+      dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap);
+    }
+    const double x0 = src[2 * j], x1 = src[2 * j + 1];
+    dst[2 * j] = from_f32<T>(static_cast<float>(x0 * cs - x1 * sn));
+    dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn + x1 * cs));
+  }
+  const int64_t n_vals = 3 * p.G * p.dv;
+  for (int64_t i = threadIdx.x; i < n_vals; i += blockDim.x) {
+    const int64_t kv = i / (p.G * p.dv), g = (i / p.dv) % p.G, e = i % p.dv;
+    const float v = pr[p.H * p.dk + kv * p.G * (p.dk + p.dv) + p.G * p.dk + g * p.dv + e];
+    void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
+    static_cast<T*>(base)[cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e] = from_f32<T>(v);
+  }
+  __syncthreads();  // q of this row is in global memory and visible to the block
+
+  float* u = smem;
+  float* hid = smem + p.dk;
+  for (int64_t g = 0; g < p.G; ++g) {
+    for (int64_t e = threadIdx.x; e < p.dk; e += blockDim.x) {
+      float s = 0.f;
+      for (int64_t j = 0; j < p.h; ++j) s += to_f32(q[(g * p.h + j) * p.dk + e]);
+      u[e] = s / static_cast<float>(p.h);
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < p.g_hid; i += blockDim.x) {
+      float a = p.fc1_b[i];
+      for (int64_t e = 0; e < p.dk; ++e) a += p.fc1_w[i * p.dk + e] * u[e];
+      hid[i] = a / (1.f + expf(-a));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float z[3];
+      for (int k = 0; k < 3; ++k) {
+        float a = p.fc2_b[k];
+        for (int64_t i = 0; i < p.g_hid; ++i) a += p.fc2_w[k * p.g_hid + i] * hid[i];
+        z[k] = a;
+      }
+      float* gate = p.gates + (ri.r * p.G + g) * 3;
+      if (p.gate_sigmoid) {
+        for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
+      } else {
+        const float m = fmaxf(z[0], fmaxf(z[1], z[2])) / p.gate_temp;
+        float e[3], s = 0.f;
+        for (int k = 0; k < 3; ++k) s += (e[k] = expf(z[k] / p.gate_temp - m));
+        for (int k = 0; k < 3; ++k) gate[k] = e[k] / s;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// --- 2. Compressed-token emission ------------------------------------------------------------
+template <typename T>
+__global__ void nsa_emit_kernel(StepParams p) {
+  const RowInfo ri = row_info(p, blockIdx.x);
+  const int64_t g = blockIdx.y;
+  if (ri.L < p.l || (ri.L - p.l) % p.d != 0) return;
+  const int64_t i = (ri.L - p.l) / p.d;
+  for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
+    const bool key = e < p.dk;
+    const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
+    const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) + cache_at(p, ri.b, g, 0, width, p.cap);
+    float s = 0.f;
+    for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
+    T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
+    out[col] = from_f32<T>(s / static_cast<float>(p.l));
+  }
+}
+
+// --- 3. Split attention: one (row, group, key range) per block, all h heads at once ------------
+// phase 0: splits [0, n_cmp_splits) are compressed attention (logits kept for scoring), then
+// n_win_splits window splits. phase 1: n_sel splits, one per selected block.
+template <typename T>
+__global__ void nsa_attn_split_kernel(StepParams p, int phase) {
+  extern __shared__ float smem[];
+  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G;
+  const RowInfo ri = row_info(p, r);
+  const float* gate = p.gates + rg * 3;
+  int64_t split = blockIdx.y, start = 0, end = 0;
+  int branch;
+  const T* K;
+  const T* V;
+  int64_t cap;
+  if (phase == 0 && split < p.n_cmp_splits) {
+    branch = 0;
+    start = split * kCmpChunk;
+    end = min(start + kCmpChunk, num_cmp(ri.L, p.l, p.d));
+    K = static_cast<const T*>(p.k_cmp);
+    V = static_cast<const T*>(p.v_cmp);
+    cap = p.cap_cmp;
+  } else if (phase == 0) {
+    branch = 2;
+    const int64_t s = split - p.n_cmp_splits;
+    const int64_t ws = max(int64_t{0}, ri.t - p.w + 1);
+    start = ws + s * kWinChunk;
+    end = p.w > 0 ? min(start + kWinChunk, ri.L) : 0;
+    K = static_cast<const T*>(p.k_win);
+    V = static_cast<const T*>(p.v_win);
+    cap = p.cap;
+  } else {
+    branch = 1;
+    const int32_t blk = p.sel_blocks[rg * p.n_sel + split];
+    if (blk >= 0) {
+      start = static_cast<int64_t>(blk) * p.l_sel;
+      end = min(start + p.l_sel, ri.L);
+    }
+    split += p.n_cmp_splits + p.n_win_splits;
+    K = static_cast<const T*>(p.k_sel);
+    V = static_cast<const T*>(p.v_sel);
+    cap = p.cap;
+  }
+  if (start >= end || !branch_needed(p, gate, branch)) return;
+  K += cache_at(p, ri.b, g, 0, p.dk, cap);
+  V += cache_at(p, ri.b, g, 0, p.dv, cap);
+
+  const int64_t h = p.h, dk = p.dk, dv = p.dv, kst = dk + 1;
+  float* qs = smem;                    // [h][dk], pre-scaled
+  float* ks = qs + h * dk;             // [kKeyTile][dk + 1]
+  float* vs = ks + kKeyTile * kst;     // [kKeyTile][dv]
+  float* lg = vs + kKeyTile * dv;      // [h][kKeyTile]
+  float* acc = lg + h * kKeyTile;      // [h][dv]
+  float* m = acc + h * dv;             // [h]
+  float* s = m + h;                    // [h]
+  float* corr = s + h;                 // [h]
+  const T* q = static_cast<const T*>(p.q) + (r * p.H + g * h) * dk;
+  for (int64_t i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
+  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+    m[i] = -FLT_MAX;
+    s[i] = 0.f;
+  }
+  float* logits_out = branch == 0 ? p.cmp_logits + rg * h * p.cap_cmp : nullptr;
+  for (int64_t k0 = start; k0 < end; k0 += kKeyTile) {
+    const int64_t nk = min(static_cast<int64_t>(kKeyTile), end - k0);
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < nk * dk; i += blockDim.x) ks[(i / dk) * kst + i % dk] = to_f32(K[k0 * dk + i]);
+    for (int64_t i = threadIdx.x; i < nk * dv; i += blockDim.x) vs[i] = to_f32(V[k0 * dv + i]);
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < h * nk; i += blockDim.x) {
+      const int64_t hh = i / nk, j = i % nk;
+      const float* qq = qs + hh * dk;
+      const float* kk = ks + j * kst;
+      float a = 0.f;
+      for (int64_t e = 0; e < dk; ++e) a += qq[e] * kk[e];
+      lg[hh * kKeyTile + j] = a;
+      if (logits_out) logits_out[hh * p.cap_cmp + k0 + j] = a;
+    }
+    __syncthreads();
+    for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x) {
+      float mt = m[hh];
+      for (int64_t j = 0; j < nk; ++j) mt = fmaxf(mt, lg[hh * kKeyTile + j]);
+      const float c = expf(m[hh] - mt);
+      float sum = s[hh] * c;
+      for (int64_t j = 0; j < nk; ++j) sum += (lg[hh * kKeyTile + j] = expf(lg[hh * kKeyTile + j] - mt));
+      m[hh] = mt;
+      s[hh] = sum;
+      corr[hh] = c;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) {
+      const int64_t hh = i / dv, e = i % dv;
+      float a = acc[i] * corr[hh];
+      for (int64_t j = 0; j < nk; ++j) a += lg[hh * kKeyTile + j] * vs[j * dv + e];
+      acc[i] = a;
+    }
+  }
+  __syncthreads();
+  const int64_t NS = n_splits_total(p);
+  const int64_t base = (rg * NS + split) * h;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+    p.part_m[base + i] = m[i];
+    p.part_s[base + i] = s[i];
+  }
+  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) p.part_o[base * dv + i] = acc[i];
+}
+
+// Log-sum-exp combine of `n` partials of head hh starting at split `first`; returns M and S.
+__device__ __forceinline__ void lse_stats(const StepParams& p, int64_t rg, int64_t first, int64_t n,
+                                          int64_t hh, float& M, float& S) {
+  const int64_t NS = n_splits_total(p);
+  M = -FLT_MAX;
+  for (int64_t k = 0; k < n; ++k) M = fmaxf(M, p.part_m[(rg * NS + first + k) * p.h + hh]);
+  S = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t at = (rg * NS + first + k) * p.h + hh;
+    S += p.part_s[at] * expf(p.part_m[at] - M);
+  }
+}
+
+__device__ __forceinline__ float lse_output(const StepParams& p, int64_t rg, int64_t first, int64_t n,
+                                            int64_t hh, int64_t e, float M, float S) {
+  if (n == 0 || S == 0.f) return 0.f;
+  const int64_t NS = n_splits_total(p);
+  float o = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t at = (rg * NS + first + k) * p.h + hh;
+    o += p.part_o[at * p.dv + e] * expf(p.part_m[at] - M);
+  }
+  return o / S;
+}
+
+// --- 4. cmp/win combine, block scores, top-n selection, reads -------------------------------
+__device__ __forceinline__ bool better(float va, int64_t ja, float vb, int64_t jb) {
+  return va > vb || (va == vb && ja < jb);
+}
+
+__global__ void nsa_select_kernel(StepParams p) {
+  extern __shared__ float smem[];  // M[h], S[h], score[cap / l_sel + 1]
+  __shared__ float red_v[32];
+  __shared__ int64_t red_j[32];
+  __shared__ int64_t chosen[64];
+  __shared__ int64_t n_chosen;
+  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G;
+  const RowInfo ri = row_info(p, r);
+  const float* gate = p.gates + rg * 3;
+  const bool need_scores = branch_needed(p, gate, 0);
+  const bool need_cmp = p.compute_all || gate[0] != 0.f;
+  const bool need_sel = p.compute_all || gate[1] != 0.f;
+  const bool need_win = p.compute_all || gate[2] != 0.f;
+  const int64_t h = p.h, dv = p.dv;
+  float* M = smem;
+  float* S = M + h;
+  float* score = S + h;
+  const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
+  const int64_t ns_cmp = need_scores ? (n_cmp + kCmpChunk - 1) / kCmpChunk : 0;
+  const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
+  const int64_t ns_win = need_win ? (n_win + kWinChunk - 1) / kWinChunk : 0;
+
+  for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x) lse_stats(p, rg, 0, ns_cmp, hh, M[hh], S[hh]);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) {
+    const int64_t hh = i / dv, e = i % dv;
+    const int64_t out = (r * p.H + g * h + hh) * dv + e;
+    p.o_cmp[out] = need_cmp ? lse_output(p, rg, 0, ns_cmp, hh, e, M[hh], S[hh]) : 0.f;
+    float Mw, Sw;
+    lse_stats(p, rg, p.n_cmp_splits, ns_win, hh, Mw, Sw);
+    p.o_win[out] = lse_output(p, rg, p.n_cmp_splits, ns_win, hh, e, Mw, Sw);
+  }
+
+  int32_t* blocks = p.sel_blocks + rg * p.n_sel;
+  if (!need_sel) {
+    for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
+    if (threadIdx.x == 0) {
+      p.sel_count[rg] = 0;
+      int32_t* rd = p.reads + rg * 3;
+      rd[0] = static_cast<int32_t>(n_cmp);
+      rd[1] = 0;
+      rd[2] = static_cast<int32_t>(n_win);
+    }
+    return;
+  }
+  // Group score of each complete block: sum over heads and overlapping compressed tokens.
+  const int64_t nb = ri.L / p.l_sel;
+  const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
+  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+    const int64_t lo_num = j * p.l_sel - p.l + 1;
+    const int64_t i_lo = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
+    const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
+    float sc = 0.f;
+    for (int64_t hh = 0; hh < h; ++hh) {
+      for (int64_t i = i_lo; i <= i_hi; ++i) {
+        const float pr = expf(logits[hh * p.cap_cmp + i] - M[hh]) / S[hh];
+        sc += pr * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
+      }
+    }
+    score[j] = sc;
+  }
+  __syncthreads();
+  const int64_t cur = ri.t / p.l_sel;
+  int64_t forced[3], nf = 0;
+  const int64_t cand_forced[3] = {0, cur, cur - 1};
+  for (int64_t j : cand_forced) {
+    bool dup = j < 0;
+    for (int64_t k = 0; k < nf; ++k) dup = dup || forced[k] == j;
+    if (!dup) forced[nf++] = j;
+  }
+  int64_t forced_complete = 0;
+  for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
+  if (threadIdx.x == 0) {
+    for (int64_t k = 0; k < nf; ++k)
+      if (forced[k] < nb) score[forced[k]] = -1.f;  // scores are >= 0: -1 marks "not a candidate"
+    n_chosen = 0;
+  }
+  __syncthreads();
+  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = (blockDim.x + 31) / 32;
+  for (int64_t it = 0; it < take; ++it) {
+    float bv = -2.f;
+    int64_t bj = INT64_MAX;
+    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+      if (score[j] >= 0.f && better(score[j], j, bv, bj)) {
+        bv = score[j];
+        bj = j;
+      }
+    }
+    for (int off = 16; off > 0; off /= 2) {
+      const float ov = __shfl_down_sync(0xffffffffu, bv, off);
+      const int64_t oj = __shfl_down_sync(0xffffffffu, bj, off);
+      if (better(ov, oj, bv, bj)) {
+        bv = ov;
+        bj = oj;
+      }
+    }
+    if (lane == 0) {
+      red_v[warp] = bv;
+      red_j[warp] = bj;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int k = 1; k < n_warps; ++k) {
+        if (better(red_v[k], red_j[k], bv, bj)) {
+          bv = red_v[k];
+          bj = red_j[k];
+        }
+      }
+      chosen[n_chosen++] = bj;
+      score[bj] = -1.f;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    int64_t all[67];
+    int64_t n = 0;
+    for (int64_t k = 0; k < nf; ++k) all[n++] = forced[k];
+    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = chosen[k];
+    for (int64_t a = 1; a < n; ++a) {  // insertion sort, n <= n_sel
+      const int64_t v = all[a];
+      int64_t b = a - 1;
+      for (; b >= 0 && all[b] > v; --b) all[b + 1] = all[b];
+      all[b + 1] = v;
+    }
+    int64_t tokens = 0;
+    for (int64_t k = 0; k < p.n_sel; ++k) {
+      blocks[k] = k < n ? static_cast<int32_t>(all[k]) : -1;
+      if (k < n) tokens += min((all[k] + 1) * p.l_sel, ri.L) - all[k] * p.l_sel;
+    }
+    p.sel_count[rg] = static_cast<int32_t>(n);
+    int32_t* rd = p.reads + rg * 3;
+    rd[0] = static_cast<int32_t>(n_cmp);
+    rd[1] = static_cast<int32_t>(tokens);
+    rd[2] = static_cast<int32_t>(n_win);
+    atomicAdd(p.reads_acc + 0, static_cast<unsigned long long>(n_cmp));
+    atomicAdd(p.reads_acc + 1, static_cast<unsigned long long>(tokens));
+    atomicAdd(p.reads_acc + 2, static_cast<unsigned long long>(n_win));
+  }
+}
+
+// --- 5. sel combine, gate mix, length advance ------------------------------------------------
+template <typename T>
+__global__ void nsa_combine_kernel(StepParams p) {
+  const int64_t r = blockIdx.x;
+  const int64_t first_sel = p.n_cmp_splits + p.n_win_splits;
+  for (int64_t i = threadIdx.x; i < p.H * p.dv; i += blockDim.x) {
+    const int64_t hd = i / p.dv, e = i % p.dv, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
+    const float* gate = p.gates + rg * 3;
+    const int64_t at = r * p.H * p.dv + i;
+    float o_sel = 0.f;
+    if (p.compute_all || gate[1] != 0.f) {
+      float M, S;
+      lse_stats(p, rg, first_sel, p.sel_count[rg], hh, M, S);
+      o_sel = lse_output(p, rg, first_sel, p.sel_count[rg], hh, e, M, S);
+    }
+    p.o_sel[at] = o_sel;
+    float o = 0.f;
+    if (gate[0] != 0.f) o += gate[0] * p.o_cmp[at];
+    if (gate[1] != 0.f) o += gate[1] * o_sel;
+    if (gate[2] != 0.f) o += gate[2] * p.o_win[at];
+    static_cast<T*>(p.o)[at] = from_f32<T>(o);
+  }
+  if (p.len_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.len_out += p.advance;
+}
+
+}  // namespace nsa::cuda

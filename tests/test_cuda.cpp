@@ -1,0 +1,230 @@
+// The CUDA backend against the CPU reference on random inputs: prefill followed by decode steps
+// across emission and block boundaries, every head-group size and head dim of the decode issue,
+// fp32/bf16/fp16 storage, B = 1 and 3; plus the graph-replayed decode path and determinism.
+// Every test skips where no CUDA device is present.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+
+#include "nsa/init.h"
+#include "nsa/layer.h"
+#include "test_util.h"
+
+namespace nsa {
+namespace {
+
+#define REQUIRE_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
+
+struct Case {
+  int64_t H, G, dk, dv, B, S0, steps;
+  DType dtype;
+};
+
+std::string name(const Case& c) {
+  return fmt::format("H{} G{} dk{} dv{} B{} S0 {} steps {} {}", c.H, c.G, c.dk, c.dv, c.B, c.S0,
+                     c.steps, to_string(c.dtype));
+}
+
+Config case_config(const Case& k) {
+  Config c;  // l 32, d 16, l_sel 64, n_sel 16, w 512
+  c.dim = 64;
+  c.heads = k.H;
+  c.groups = k.G;
+  c.dk = k.dk;
+  c.dv = k.dv;
+  c.gate_hidden = k.dk / 2;
+  return c;
+}
+
+Tensor rows(const Tensor& x, int64_t t0, int64_t n) {
+  const int64_t B = x.dim(0), T = x.dim(1), D = x.dim(2);
+  Tensor s(DType::kF32, {B, n, D});
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(s.data<float>() + b * n * D, x.data<float>() + (b * T + t0) * D, sizeof(float) * size_t(n * D));
+  return s;
+}
+
+struct Outs {
+  std::vector<Tensor> y, sel, reads, o_cmp, o_sel, o_win, gates;
+};
+
+Outs run(Layer& layer, const Tensor& x, int64_t S0) {
+  Outs o;
+  KVCache cache = layer.new_cache(x.dim(0));
+  for (int64_t t = 0; t < x.dim(1);) {
+    Inspection ins;
+    ins.want = InspectRequest::all();
+    const int64_t n = t == 0 ? S0 : 1;
+    o.y.push_back(t == 0 ? layer.prefill(cache, rows(x, 0, n), &ins) : layer.decode(cache, rows(x, t, 1), &ins));
+    o.sel.push_back(std::move(ins.sel_blocks));
+    o.reads.push_back(std::move(ins.reads));
+    o.o_cmp.push_back(std::move(ins.o_cmp));
+    o.o_sel.push_back(std::move(ins.o_sel));
+    o.o_win.push_back(std::move(ins.o_win));
+    o.gates.push_back(std::move(ins.gates));
+    t += n;
+  }
+  return o;
+}
+
+// Relative L2 over the rows (b, t) whose selection agrees in every group; returns the error and
+// counts the (b, t, g) selections that differ.
+double masked_rel_l2(const Tensor& a, const Tensor& ref, const Tensor& sel_a, const Tensor& sel_ref,
+                     int64_t& mismatched_groups, int64_t& compared_rows) {
+  const int64_t rows_n = a.dim(0) * a.dim(1), per = a.numel() / rows_n;
+  const int64_t G = sel_a.dim(2), n_sel = sel_a.dim(3);
+  double num = 0, den = 0;
+  for (int64_t r = 0; r < rows_n; ++r) {
+    bool same = true;
+    for (int64_t g = 0; g < G; ++g) {
+      const bool eq = std::memcmp(sel_a.data<int32_t>() + (r * G + g) * n_sel,
+                                  sel_ref.data<int32_t>() + (r * G + g) * n_sel, sizeof(int32_t) * size_t(n_sel)) == 0;
+      mismatched_groups += !eq;
+      same = same && eq;
+    }
+    if (!same) continue;
+    ++compared_rows;
+    for (int64_t i = 0; i < per; ++i) {
+      const double x = a.data<float>()[r * per + i], y = ref.data<float>()[r * per + i];
+      if (!std::isfinite(x)) return INFINITY;
+      num += (x - y) * (x - y);
+      den += y * y;
+    }
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+void check_case(const Case& k) {
+  SCOPED_TRACE(name(k));
+  const Config c = case_config(k);
+  const auto w = random_weights(c, 1000 + uint64_t(k.H * 7 + k.dk));
+  LayerOptions cpu_opt, gpu_opt;
+  cpu_opt.dtype = gpu_opt.dtype = k.dtype;
+  gpu_opt.device = Device::kCuda;
+  Layer cpu(c, w, cpu_opt), gpu(c, w, gpu_opt);
+  const Tensor x = random_normal({k.B, k.S0 + k.steps, c.dim}, 77 + uint64_t(k.S0));
+  const Outs a = run(gpu, x, k.S0), ref = run(cpu, x, k.S0);
+  const double tol = k.dtype == DType::kF32 ? 1e-4 : 2e-2;
+  int64_t mismatched = 0, total_groups = 0, compared = 0, total_rows = 0;
+  for (size_t i = 0; i < a.y.size(); ++i) {
+    SCOPED_TRACE(fmt::format("call {}", i));
+    int64_t m = 0, cr = 0;
+    EXPECT_LT(masked_rel_l2(a.y[i], ref.y[i], a.sel[i], ref.sel[i], m, cr), tol);
+    for (const auto* pair : {&a.o_cmp, &a.o_win, &a.gates}) {
+      const auto& other = pair == &a.o_cmp ? ref.o_cmp : pair == &a.o_win ? ref.o_win : ref.gates;
+      EXPECT_LT(test::rel_l2((*pair)[i], other[i]), tol);
+    }
+    int64_t m2 = 0, cr2 = 0;
+    EXPECT_LT(masked_rel_l2(a.o_sel[i], ref.o_sel[i], a.sel[i], ref.sel[i], m2, cr2), tol);
+    EXPECT_EQ(0, std::memcmp(a.reads[i].raw(), ref.reads[i].raw(), a.reads[i].nbytes())) << "reads differ";
+    mismatched += m;
+    total_groups += a.sel[i].numel() / c.n_sel;
+    compared += cr;
+    total_rows += a.y[i].dim(0) * a.y[i].dim(1);
+  }
+  // Selections differ only at near-ties of the fp32 (GPU) and fp64 (CPU) group scores: rare.
+  EXPECT_LE(mismatched, std::max<int64_t>(2, total_groups / (k.dtype == DType::kF32 ? 200 : 50)))
+      << mismatched << " of " << total_groups << " selections differ";
+  EXPECT_GE(compared * 10, total_rows * 9);
+}
+
+TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {2, 2, 32, 32, 3, 1, 40, DType::kF32},       // h = 1, first emission and block at t = 31, 63
+      {4, 2, 64, 64, 3, 60, 12, DType::kF32},      // h = 2, crosses the block boundary at 64
+      {8, 2, 128, 128, 1, 700, 9, DType::kF32},    // h = 4, window (512) smaller than the context
+      {16, 1, 192, 128, 1, 1000, 4, DType::kF32},  // h = 16, the paper's head dims
+      {16, 1, 192, 128, 1, 4990, 12, DType::kF32},  // contexts up to 5001, 16 selected of 78 blocks
+      {32, 2, 128, 128, 3, 300, 4, DType::kF32},   // h = 16, B = 3
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {4, 2, 64, 64, 3, 60, 12, DType::kBF16},
+      {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
+      {8, 2, 128, 128, 1, 700, 6, DType::kF16},
+      {2, 2, 32, 32, 3, 1, 40, DType::kF16},
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+TEST(Cuda, OneHotGatesSkipBranchesExactly) {
+  REQUIRE_GPU();
+  Config c = case_config({8, 2, 64, 64, 2, 0, 0, DType::kF32});
+  for (int branch = 0; branch < 3; ++branch) {
+    auto w = random_weights(c, 5);
+    force_gate(w, branch);
+    LayerOptions go;
+    go.device = Device::kCuda;
+    Layer gpu(c, w, go), cpu(c, w);
+    const Tensor x = random_normal({2, 300, c.dim}, 9);
+    KVCache gc = gpu.new_cache(2), cc = cpu.new_cache(2);
+    // No inspection: zero-gated branches are skipped on the device.
+    EXPECT_LT(test::rel_l2(gpu.prefill(gc, x), cpu.prefill(cc, x)), 1e-4) << branch;
+    const Tensor x1 = random_normal({2, 1, c.dim}, 10);
+    EXPECT_LT(test::rel_l2(gpu.decode(gc, x1), cpu.decode(cc, x1)), 1e-4) << branch;
+  }
+}
+
+// The graph-replayed timing path leaves the cache exactly where plain decode steps would.
+TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
+  REQUIRE_GPU();
+  const Config c = case_config({8, 2, 64, 64, 3, 0, 0, DType::kF32});
+  const auto w = random_weights(c, 21);
+  LayerOptions go;
+  go.device = Device::kCuda;
+  Layer gpu(c, w, go), cpu(c, w);
+  const Tensor x = random_normal({3, 200, c.dim}, 22);
+  KVCache gc = gpu.new_cache(3), cc = cpu.new_cache(3);
+  gpu.prefill(gc, x);
+  cpu.prefill(cc, x);
+  std::vector<Tensor> steps;
+  for (int i = 0; i < 20; ++i) steps.push_back(random_normal({3, 1, c.dim}, 100 + uint64_t(i)));
+  const auto ms = gpu.time_decode(gc, steps, 5);
+  EXPECT_EQ(ms.size(), 15u);
+  for (double v : ms) EXPECT_GT(v, 0.0);
+  for (const Tensor& s : steps) cpu.decode(cc, s);
+  EXPECT_EQ(gc.length(), cc.length());
+  const Tensor last = random_normal({3, 1, c.dim}, 999);
+  Inspection gi, ci;
+  gi.want = ci.want = InspectRequest::all();
+  EXPECT_LT(test::rel_l2(gpu.decode(gc, last, &gi), cpu.decode(cc, last, &ci)), 1e-4);
+  EXPECT_EQ(0, std::memcmp(gi.reads.raw(), ci.reads.raw(), gi.reads.nbytes()));
+}
+
+TEST(Cuda, DecodeIsDeterministic) {
+  REQUIRE_GPU();
+  const Config c = case_config({16, 1, 192, 128, 2, 0, 0, DType::kBF16});
+  LayerOptions go;
+  go.device = Device::kCuda;
+  go.dtype = DType::kBF16;
+  Layer gpu(c, random_weights(c, 31), go);
+  const Tensor x = random_normal({2, 3000, c.dim}, 32);
+  Tensor y[2];
+  for (auto& yy : y) {
+    KVCache cache = gpu.new_cache(2);
+    gpu.prefill(cache, x);
+    yy = gpu.decode(cache, random_normal({2, 1, c.dim}, 33));
+  }
+  EXPECT_EQ(0, std::memcmp(y[0].raw(), y[1].raw(), y[0].nbytes()));
+}
+
+TEST(Cuda, RunCliOnCuda) {
+  REQUIRE_GPU();
+  const std::string dir = testing::TempDir();
+  const std::string cli = NSA_CLI;
+  std::ofstream(dir + "/cuda_cfg.json") << R"({"dim": 32, "heads": 4, "groups": 2, "dk": 8, "dv": 8})";
+  ASSERT_EQ(0, std::system((cli + " init --config " + dir + "/cuda_cfg.json --weights " + dir + "/cw.st --input " + dir +
+                            "/cx.st --B 2 --T 90").c_str()));
+  ASSERT_EQ(0, std::system((cli + " run --device cuda --dtype bf16 --prefill 40 --config " + dir + "/cuda_cfg.json --weights " +
+                            dir + "/cw.st --input " + dir + "/cx.st --out " + dir + "/cy.st").c_str()));
+}
+
+}  // namespace
+}  // namespace nsa
