@@ -27,8 +27,9 @@ std::vector<std::string> cuda_devices() {
   for (int i = 0; i < n; ++i) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
-    out.push_back(fmt::format("{}: {} (sm_{}{}, {} SMs, {:.1f} GiB)", i, prop.name, prop.major, prop.minor,
-                              prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) / (1 << 30)));
+    out.push_back(fmt::format("{}: {} (sm_{}{}, {} SMs, {:.1f} GiB)", i, prop.name, prop.major,
+                              prop.minor, prop.multiProcessorCount,
+                              static_cast<double>(prop.totalGlobalMem) / (1 << 30)));
   }
   return out;
 }
@@ -71,7 +72,8 @@ class DeviceBuffer {
   explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
     if (bytes > 0) NSA_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
   }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     std::swap(ptr_, o.ptr_);
     std::swap(bytes_, o.bytes_);
@@ -101,10 +103,15 @@ struct CudaCache : CacheState {
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::kF32: return CUDA_R_32F;
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kF16: return CUDA_R_16F;
-    default: NSA_FAIL("storage dtype {} is not supported by the CUDA backend; allowed: fp32, bf16, fp16", to_string(t));
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      NSA_FAIL("storage dtype {} is not supported by the CUDA backend; allowed: fp32, bf16, fp16",
+               to_string(t));
   }
 }
 
@@ -115,7 +122,8 @@ std::vector<uint8_t> to_storage(const float* src, int64_t n, DType t) {
     std::memcpy(out.data(), src, out.size());
   } else {
     auto* dst = reinterpret_cast<uint16_t*>(out.data());
-    for (int64_t i = 0; i < n; ++i) dst[i] = t == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+    for (int64_t i = 0; i < n; ++i)
+      dst[i] = t == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
   }
   return out;
 }
@@ -127,15 +135,17 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::kCuda; }
   std::unique_ptr<CacheState> new_cache(int64_t batch) const override;
-  void forward(CacheState& cache, const float* x, int64_t T, float* y, Inspection* inspect) override;
+  void forward(CacheState& cache, const float* x, int64_t T, float* y,
+               Inspection* inspect) override;
   void fill_random(CacheState& cache, int64_t S, uint64_t seed) override;
-  std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs, int64_t warmup,
-                                  float* y_scratch, bool attention_only) override;
+  std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs,
+                                  int64_t warmup, float* y_scratch, bool attention_only) override;
 
  private:
   void reserve(CudaCache& cache, int64_t tokens) const;
   void ensure_workspace(int64_t rows, const CudaCache& cache);
-  StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all, int64_t advance) const;
+  StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
+                    int64_t advance) const;
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
   void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true);
   template <typename T>
@@ -158,16 +168,21 @@ class CudaBackend final : public Backend {
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
     : c_(c), dtype_(o.dtype), esize_(dtype_size(o.dtype)) {
   cuda_type(dtype_);
-  NSA_CHECK(c.n_sel <= 64, "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64", c.n_sel);
+  NSA_CHECK(c.n_sel <= 64,
+            "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64",
+            c.n_sel);
   NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
-  NSA_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH));  // fp32 stays fp32 (no TF32)
-  blas_ws_ = DeviceBuffer(32u << 20);  // a fixed cuBLAS workspace keeps graph capture allocation-free
+  // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
+  NSA_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
+  blas_ws_ =
+      DeviceBuffer(32u << 20);  // a fixed cuBLAS workspace keeps graph capture allocation-free
   NSA_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_.get(), blas_ws_.bytes()));
 
   std::vector<float> w_in;
-  for (const Tensor* t : {&w.w_q, &w.w_k_cmp, &w.w_v_cmp, &w.w_k_sel, &w.w_v_sel, &w.w_k_win, &w.w_v_win}) {
+  for (const Tensor* t :
+       {&w.w_q, &w.w_k_cmp, &w.w_v_cmp, &w.w_k_sel, &w.w_v_sel, &w.w_k_win, &w.w_v_win}) {
     w_in.insert(w_in.end(), t->data<float>(), t->data<float>() + t->numel());
   }
   P_ = static_cast<int64_t>(w_in.size()) / c.dim;
@@ -209,14 +224,19 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
     DeviceBuffer nb(static_cast<size_t>(BG * new_cap * width) * esize_);
     if (buf.get() && old_cap > 0) {
       const size_t old_pitch = static_cast<size_t>(old_cap * width) * esize_;
-      NSA_CUDA_CHECK(cudaMemcpy2DAsync(nb.get(), static_cast<size_t>(new_cap * width) * esize_, buf.get(), old_pitch,
-                                       old_pitch, static_cast<size_t>(BG), cudaMemcpyDeviceToDevice, stream_));
+      NSA_CUDA_CHECK(cudaMemcpy2DAsync(nb.get(), static_cast<size_t>(new_cap * width) * esize_,
+                                       buf.get(), old_pitch, old_pitch, static_cast<size_t>(BG),
+                                       cudaMemcpyDeviceToDevice, stream_));
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // before the old buffer is freed
     }
     buf = std::move(nb);
   };
-  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk}, {&cache.v_cmp_raw, c_.dv}, {&cache.k_sel, c_.dk},
-                            {&cache.v_sel, c_.dv}, {&cache.k_win, c_.dk}, {&cache.v_win, c_.dv}}) {
+  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk},
+                            {&cache.v_cmp_raw, c_.dv},
+                            {&cache.k_sel, c_.dk},
+                            {&cache.v_sel, c_.dv},
+                            {&cache.k_win, c_.dk},
+                            {&cache.v_win, c_.dv}}) {
     grow(*buf, cache.cap, cap, width);
   }
   grow(cache.k_cmp, cache.cap_cmp, cap_cmp, c_.dk);
@@ -227,14 +247,16 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
 
 size_t attn_smem_bytes(const Config& c) {
   const int64_t h = c.heads / c.groups;
-  return sizeof(float) * static_cast<size_t>(h * c.dk + cuda::kKeyTile * (c.dk + 1) + cuda::kKeyTile * c.dv +
-                                             h * cuda::kKeyTile + h * c.dv + 3 * h);
+  return sizeof(float) *
+         static_cast<size_t>(h * c.dk + cuda::kKeyTile * (c.dk + 1) + cuda::kKeyTile * c.dv +
+                             h * cuda::kKeyTile + h * c.dv + 3 * h);
 }
 
 template <typename K>
 void allow_smem(K kernel, size_t bytes) {
   if (bytes > (48u << 10)) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
   }
 }
 
@@ -270,8 +292,8 @@ void CudaBackend::ensure_workspace(int64_t rows, const CudaCache& cache) {
   ws_cap_cmp_ = cache.cap_cmp;
 }
 
-StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
-                               int64_t advance) const {
+StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
+                               bool compute_all, int64_t advance) const {
   StepParams p{};
   p.B = cache.batch;
   p.T = T;
@@ -335,22 +357,30 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
 template <typename T>
 void CudaBackend::enqueue_kernels(const StepParams& p) {
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
-  cuda::nsa_append_gate_kernel<T><<<R, 256, sizeof(float) * static_cast<size_t>(p.dk + p.g_hid), stream_>>>(p);
+  const int64_t append_work = (p.H + 3 * p.G) * (p.dk / 2);
+  const auto append_blocks = static_cast<unsigned>(std::clamp<int64_t>(append_work / 1024, 1, 16));
+  cuda::nsa_append_kernel<T><<<dim3(R, append_blocks), 256, 0, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
-  cuda::nsa_emit_kernel<T><<<dim3(R, static_cast<unsigned>(p.G)), 128, 0, stream_>>>(p);
+  cuda::nsa_emit_gate_kernel<T>
+      <<<dim3(R, static_cast<unsigned>(p.G)), 128,
+         sizeof(float) * static_cast<size_t>(p.dk + p.g_hid), stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
   const size_t attn_smem = attn_smem_bytes(c_);
   allow_smem(cuda::nsa_attn_split_kernel<T>, attn_smem);
-  const auto splits_a = static_cast<unsigned>(std::max<int64_t>(1, p.n_cmp_splits + p.n_win_splits));
+  const auto splits_a =
+      static_cast<unsigned>(std::max<int64_t>(1, p.n_cmp_splits + p.n_win_splits));
   cuda::nsa_attn_split_kernel<T><<<dim3(RG, splits_a), 128, attn_smem, stream_>>>(p, 0);
   NSA_CUDA_CHECK_LAUNCH();
   const size_t sel_smem = sizeof(float) * static_cast<size_t>(2 * p.h + p.cap / p.l_sel + 1);
   allow_smem(cuda::nsa_select_kernel, sel_smem);
   cuda::nsa_select_kernel<<<RG, 256, sel_smem, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
-  cuda::nsa_attn_split_kernel<T><<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
+  cuda::nsa_attn_split_kernel<T>
+      <<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
   NSA_CUDA_CHECK_LAUNCH();
-  cuda::nsa_combine_kernel<T><<<R, 256, 0, stream_>>>(p);
+  const auto combine_threads = static_cast<unsigned>(std::min<int64_t>(256, (p.dv + 31) / 32 * 32));
+  cuda::nsa_combine_kernel<T>
+      <<<dim3(R, static_cast<unsigned>(p.H)), combine_threads, 0, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
 }
 
@@ -359,55 +389,75 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
   const cudaDataType_t t = cuda_type(dtype_);
   if (!gemms) {  // attention-only timing: the kernels read the projection left by the last step
     switch (dtype_) {
-      case DType::kF32: enqueue_kernels<float>(p); break;
-      case DType::kBF16: enqueue_kernels<__nv_bfloat16>(p); break;
-      default: enqueue_kernels<__half>(p); break;
+      case DType::kF32:
+        enqueue_kernels<float>(p);
+        break;
+      case DType::kBF16:
+        enqueue_kernels<__nv_bfloat16>(p);
+        break;
+      default:
+        enqueue_kernels<__half>(p);
+        break;
     }
     return;
   }
   // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T).
-  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_), static_cast<int>(p.R),
-                                static_cast<int>(c_.dim), &one, w_in_.get(), t, static_cast<int>(c_.dim), x_dev, t,
-                                static_cast<int>(c_.dim), &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
+                                static_cast<int>(p.R), static_cast<int>(c_.dim), &one, w_in_.get(),
+                                t, static_cast<int>(c_.dim), x_dev, t, static_cast<int>(c_.dim),
+                                &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   switch (dtype_) {
-    case DType::kF32: enqueue_kernels<float>(p); break;
-    case DType::kBF16: enqueue_kernels<__nv_bfloat16>(p); break;
-    case DType::kF16: enqueue_kernels<__half>(p); break;
-    default: NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
+    case DType::kF32:
+      enqueue_kernels<float>(p);
+      break;
+    case DType::kBF16:
+      enqueue_kernels<__nv_bfloat16>(p);
+      break;
+    case DType::kF16:
+      enqueue_kernels<__half>(p);
+      break;
+    default:
+      NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
   }
   const int HDV = static_cast<int>(c_.heads * c_.dv);
-  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim), static_cast<int>(p.R), HDV,
-                                &one, w_out_.get(), t, HDV, o_.get(), t, HDV, &zero, y_dev, CUDA_R_32F,
-                                static_cast<int>(c_.dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
+                                static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
+                                HDV, &zero, y_dev, CUDA_R_32F, static_cast<int>(c_.dim),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y, Inspection* inspect) {
+void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y,
+                          Inspection* inspect) {
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, rows = B * T;
   reserve(cache, cache.length + T);
   const bool all = inspect != nullptr && inspect->want.any();
   // Rows per launch: bounded so the per-row workspace (cmp logits, split partials) stays modest.
   StepParams shape = params(cache, T, 0, 1, all, 0);
-  const int64_t per_row = (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
-                          P_ * 4 + c_.dim * 8;
-  const int64_t chunk = std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, std::min<int64_t>(rows, 4096));
+  const int64_t per_row =
+      (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
+      P_ * 4 + c_.dim * 8;
+  const int64_t chunk =
+      std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, std::min<int64_t>(rows, 4096));
   ensure_workspace(chunk, cache);
   const auto xs = to_storage(x, rows * c_.dim, dtype_);
   for (int64_t row0 = 0; row0 < rows; row0 += chunk) {
     const int64_t R = std::min(chunk, rows - row0);
     const StepParams p = params(cache, T, row0, R, all, row0 + R == rows ? T : 0);
-    NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
-                                   static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
+    NSA_CUDA_CHECK(
+        cudaMemcpyAsync(x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
+                        static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
     enqueue_step(p, x_.get(), y_.as<float>());
-    NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(), static_cast<size_t>(R * c_.dim) * sizeof(float),
+    NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
+                                   static_cast<size_t>(R * c_.dim) * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
     if (all) {
       auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
         if (dst.empty()) return;
         const size_t bytes = static_cast<size_t>(R * per) * 4;
-        NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(), bytes,
-                                       cudaMemcpyDeviceToHost, stream_));
+        NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(),
+                                       bytes, cudaMemcpyDeviceToHost, stream_));
       };
       back(inspect->gates, gates_, c_.groups * 3);
       back(inspect->sel_blocks, sel_blocks_, c_.groups * c_.n_sel);
@@ -433,7 +483,8 @@ __global__ void nsa_fill_random_kernel(void* dst, int kind, int64_t BG, int64_t 
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
-    const float v = (static_cast<float>(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) * 1.7320508f;  // unit variance
+    const float v = (static_cast<float>(z >> 40) * (1.f / 16777216.f) * 2.f - 1.f) *
+                    1.7320508f;  // unit variance
     const int64_t at = (bg * cap + pos) * width + e;
     if (kind == 0) {
       static_cast<float*>(dst)[at] = v;
@@ -450,28 +501,36 @@ void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
   reserve(cache, cache.length + S);
   const int64_t BG = cache.batch * c_.groups;
   uint64_t salt = seed * 6 + 12345;
-  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk}, {&cache.v_cmp_raw, c_.dv}, {&cache.k_sel, c_.dk},
-                            {&cache.v_sel, c_.dv}, {&cache.k_win, c_.dk}, {&cache.v_win, c_.dv}}) {
+  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk},
+                            {&cache.v_cmp_raw, c_.dv},
+                            {&cache.k_sel, c_.dk},
+                            {&cache.v_sel, c_.dv},
+                            {&cache.k_win, c_.dk},
+                            {&cache.v_win, c_.dv}}) {
     const int kind = dtype_ == DType::kF32 ? 0 : dtype_ == DType::kBF16 ? 1 : 2;
     nsa_fill_random_kernel<<<1024, 256, 0, stream_>>>(buf->get(), kind, BG, cache.cap, width,
-                                                       cache.length, S, ++salt);
+                                                      cache.length, S, ++salt);
     NSA_CUDA_CHECK_LAUNCH();
   }
   // Emit the compressed tokens of the new positions with the regular kernel (rows = B * S).
   ensure_workspace(1, cache);
   StepParams p = params(cache, S, 0, cache.batch * S, false, 0);
-  auto emit = dtype_ == DType::kF32 ? cuda::nsa_emit_kernel<float>
-              : dtype_ == DType::kBF16 ? cuda::nsa_emit_kernel<__nv_bfloat16>
-                                       : cuda::nsa_emit_kernel<__half>;
-  emit<<<dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), 128, 0, stream_>>>(p);
+  p.gates = nullptr;  // emission only: these rows have no queries
+  auto emit = dtype_ == DType::kF32    ? cuda::nsa_emit_gate_kernel<float>
+              : dtype_ == DType::kBF16 ? cuda::nsa_emit_gate_kernel<__nv_bfloat16>
+                                       : cuda::nsa_emit_gate_kernel<__half>;
+  emit<<<dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), 128, 0,
+         stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
   cache.length += S;
-  NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &cache.length, sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
+  NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &cache.length, sizeof(int64_t),
+                                 cudaMemcpyHostToDevice, stream_));
   NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vector<const float*>& xs, int64_t warmup,
-                                             float* /*y_scratch*/, bool attention_only) {
+std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vector<const float*>& xs,
+                                             int64_t warmup, float* /*y_scratch*/,
+                                             bool attention_only) {
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, n = static_cast<int64_t>(xs.size());
   reserve(cache, cache.length + n);
@@ -494,8 +553,8 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
   const size_t step_bytes = static_cast<size_t>(B * c_.dim) * esize_;
   for (int64_t i = 0; i < n; ++i) {
-    NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes, cudaMemcpyDeviceToDevice,
-                                   stream_));
+    NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes,
+                                   cudaMemcpyDeviceToDevice, stream_));
     NSA_CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(2 * i)], stream_));
     NSA_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     NSA_CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(2 * i + 1)], stream_));
@@ -504,7 +563,8 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   std::vector<double> ms;
   for (int64_t i = warmup; i < n; ++i) {
     float t = 0.f;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, ev[static_cast<size_t>(2 * i)], ev[static_cast<size_t>(2 * i + 1)]));
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, ev[static_cast<size_t>(2 * i)],
+                                        ev[static_cast<size_t>(2 * i + 1)]));
     ms.push_back(t);
   }
   for (auto& e : ev) cudaEventDestroy(e);

@@ -11,26 +11,39 @@ namespace nsa::cuda {
 template <typename T>
 __device__ __forceinline__ float to_f32(T v);
 template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+__device__ __forceinline__ float to_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32<__half>(__half v) {
+  return __half2float(v);
+}
 
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 __device__ __forceinline__ int64_t num_cmp(int64_t L, int64_t l, int64_t d) {
   return L < l ? 0 : (L - l) / d + 1;
 }
 
-__device__ __forceinline__ int64_t overlap(int64_t i, int64_t j, int64_t l, int64_t d, int64_t l_sel) {
+__device__ __forceinline__ int64_t overlap(int64_t i, int64_t j, int64_t l, int64_t d,
+                                           int64_t l_sel) {
   const int64_t lo = max(i * d, j * l_sel);
   const int64_t hi = min(i * d + l, (j + 1) * l_sel);
   return hi > lo ? hi - lo : 0;

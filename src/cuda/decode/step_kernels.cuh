@@ -34,19 +34,21 @@ __device__ __forceinline__ bool branch_needed(const StepParams& p, const float* 
   return gate[branch] != 0.f;
 }
 
-// --- 1. RoPE, cache append, gate ------------------------------------------------------------
+// --- 1. RoPE and cache append (grid: rows x chunks of the row's work) -------------------------
 template <typename T>
-__global__ void nsa_append_gate_kernel(StepParams p) {
-  extern __shared__ float smem[];  // u[dk], hid[g_hid]
+__global__ void nsa_append_kernel(StepParams p) {
   const RowInfo ri = row_info(p, blockIdx.x);
   const float* pr = p.proj + ri.r * p.P;
   T* q = static_cast<T*>(p.q) + ri.r * p.H * p.dk;
   const int64_t half = p.dk / 2;
+  const int64_t first = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
   // Rotate (q heads, then the three keys) pair by pair; angles in double (positions reach 1e5).
   const int64_t n_pairs = (p.H + 3 * p.G) * half;
-  for (int64_t i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+  for (int64_t i = first; i < n_pairs; i += stride) {
     const int64_t vec = i / half, j = i % half;
-    const double a = static_cast<double>(ri.t) * pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
+    const double a = static_cast<double>(ri.t) *
+                     pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
     double sn, cs;
     sincos(a, &sn, &cs);
     const float* src;
@@ -65,65 +67,66 @@ __global__ void nsa_append_gate_kernel(StepParams p) {
     dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn + x1 * cs));
   }
   const int64_t n_vals = 3 * p.G * p.dv;
-  for (int64_t i = threadIdx.x; i < n_vals; i += blockDim.x) {
+  for (int64_t i = first; i < n_vals; i += stride) {
     const int64_t kv = i / (p.G * p.dv), g = (i / p.dv) % p.G, e = i % p.dv;
     const float v = pr[p.H * p.dk + kv * p.G * (p.dk + p.dv) + p.G * p.dk + g * p.dv + e];
     void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
     static_cast<T*>(base)[cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e] = from_f32<T>(v);
   }
-  __syncthreads();  // q of this row is in global memory and visible to the block
-
-  float* u = smem;
-  float* hid = smem + p.dk;
-  for (int64_t g = 0; g < p.G; ++g) {
-    for (int64_t e = threadIdx.x; e < p.dk; e += blockDim.x) {
-      float s = 0.f;
-      for (int64_t j = 0; j < p.h; ++j) s += to_f32(q[(g * p.h + j) * p.dk + e]);
-      u[e] = s / static_cast<float>(p.h);
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < p.g_hid; i += blockDim.x) {
-      float a = p.fc1_b[i];
-      for (int64_t e = 0; e < p.dk; ++e) a += p.fc1_w[i * p.dk + e] * u[e];
-      hid[i] = a / (1.f + expf(-a));
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float z[3];
-      for (int k = 0; k < 3; ++k) {
-        float a = p.fc2_b[k];
-        for (int64_t i = 0; i < p.g_hid; ++i) a += p.fc2_w[k * p.g_hid + i] * hid[i];
-        z[k] = a;
-      }
-      float* gate = p.gates + (ri.r * p.G + g) * 3;
-      if (p.gate_sigmoid) {
-        for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
-      } else {
-        const float m = fmaxf(z[0], fmaxf(z[1], z[2])) / p.gate_temp;
-        float e[3], s = 0.f;
-        for (int k = 0; k < 3; ++k) s += (e[k] = expf(z[k] / p.gate_temp - m));
-        for (int k = 0; k < 3; ++k) gate[k] = e[k] / s;
-      }
-    }
-    __syncthreads();
-  }
 }
 
-// --- 2. Compressed-token emission ------------------------------------------------------------
+// --- 2. Compressed-token emission and the gate, per (row, group) ------------------------------
 template <typename T>
-__global__ void nsa_emit_kernel(StepParams p) {
+__global__ void nsa_emit_gate_kernel(StepParams p) {
+  extern __shared__ float smem[];  // u[dk], hid[g_hid]
   const RowInfo ri = row_info(p, blockIdx.x);
   const int64_t g = blockIdx.y;
-  if (ri.L < p.l || (ri.L - p.l) % p.d != 0) return;
-  const int64_t i = (ri.L - p.l) / p.d;
-  for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
-    const bool key = e < p.dk;
-    const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
-    const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) + cache_at(p, ri.b, g, 0, width, p.cap);
+  if (ri.L >= p.l && (ri.L - p.l) % p.d == 0) {
+    const int64_t i = (ri.L - p.l) / p.d;
+    for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
+      const bool key = e < p.dk;
+      const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
+      const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) +
+                     cache_at(p, ri.b, g, 0, width, p.cap);
+      float s = 0.f;
+      for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
+      T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
+      out[col] = from_f32<T>(s / static_cast<float>(p.l));
+    }
+  }
+  if (p.gates == nullptr) return;  // cache filling: no queries
+  // Gate from the mean of the group's rotated queries (SPEC section 2, step 4).
+  const T* q = static_cast<const T*>(p.q) + (ri.r * p.H + g * p.h) * p.dk;
+  float* u = smem;
+  float* hid = smem + p.dk;
+  for (int64_t e = threadIdx.x; e < p.dk; e += blockDim.x) {
     float s = 0.f;
-    for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
-    T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
-    out[col] = from_f32<T>(s / static_cast<float>(p.l));
+    for (int64_t j = 0; j < p.h; ++j) s += to_f32(q[j * p.dk + e]);
+    u[e] = s / static_cast<float>(p.h);
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < p.g_hid; i += blockDim.x) {
+    float a = p.fc1_b[i];
+    for (int64_t e = 0; e < p.dk; ++e) a += p.fc1_w[i * p.dk + e] * u[e];
+    hid[i] = a / (1.f + expf(-a));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float z[3];
+    for (int k = 0; k < 3; ++k) {
+      float a = p.fc2_b[k];
+      for (int64_t i = 0; i < p.g_hid; ++i) a += p.fc2_w[k * p.g_hid + i] * hid[i];
+      z[k] = a;
+    }
+    float* gate = p.gates + (ri.r * p.G + g) * 3;
+    if (p.gate_sigmoid) {
+      for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
+    } else {
+      const float m = fmaxf(z[0], fmaxf(z[1], z[2])) / p.gate_temp;
+      float e[3], s = 0.f;
+      for (int k = 0; k < 3; ++k) s += (e[k] = expf(z[k] / p.gate_temp - m));
+      for (int k = 0; k < 3; ++k) gate[k] = e[k] / s;
+    }
   }
 }
 
@@ -174,14 +177,14 @@ __global__ void nsa_attn_split_kernel(StepParams p, int phase) {
   V += cache_at(p, ri.b, g, 0, p.dv, cap);
 
   const int64_t h = p.h, dk = p.dk, dv = p.dv, kst = dk + 1;
-  float* qs = smem;                    // [h][dk], pre-scaled
-  float* ks = qs + h * dk;             // [kKeyTile][dk + 1]
-  float* vs = ks + kKeyTile * kst;     // [kKeyTile][dv]
-  float* lg = vs + kKeyTile * dv;      // [h][kKeyTile]
-  float* acc = lg + h * kKeyTile;      // [h][dv]
-  float* m = acc + h * dv;             // [h]
-  float* s = m + h;                    // [h]
-  float* corr = s + h;                 // [h]
+  float* qs = smem;                 // [h][dk], pre-scaled
+  float* ks = qs + h * dk;          // [kKeyTile][dk + 1]
+  float* vs = ks + kKeyTile * kst;  // [kKeyTile][dv]
+  float* lg = vs + kKeyTile * dv;   // [h][kKeyTile]
+  float* acc = lg + h * kKeyTile;   // [h][dv]
+  float* m = acc + h * dv;          // [h]
+  float* s = m + h;                 // [h]
+  float* corr = s + h;              // [h]
   const T* q = static_cast<const T*>(p.q) + (r * p.H + g * h) * dk;
   for (int64_t i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
   for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
@@ -193,7 +196,8 @@ __global__ void nsa_attn_split_kernel(StepParams p, int phase) {
   for (int64_t k0 = start; k0 < end; k0 += kKeyTile) {
     const int64_t nk = min(static_cast<int64_t>(kKeyTile), end - k0);
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < nk * dk; i += blockDim.x) ks[(i / dk) * kst + i % dk] = to_f32(K[k0 * dk + i]);
+    for (int64_t i = threadIdx.x; i < nk * dk; i += blockDim.x)
+      ks[(i / dk) * kst + i % dk] = to_f32(K[k0 * dk + i]);
     for (int64_t i = threadIdx.x; i < nk * dv; i += blockDim.x) vs[i] = to_f32(V[k0 * dv + i]);
     __syncthreads();
     for (int64_t i = threadIdx.x; i < h * nk; i += blockDim.x) {
@@ -211,7 +215,8 @@ __global__ void nsa_attn_split_kernel(StepParams p, int phase) {
       for (int64_t j = 0; j < nk; ++j) mt = fmaxf(mt, lg[hh * kKeyTile + j]);
       const float c = expf(m[hh] - mt);
       float sum = s[hh] * c;
-      for (int64_t j = 0; j < nk; ++j) sum += (lg[hh * kKeyTile + j] = expf(lg[hh * kKeyTile + j] - mt));
+      for (int64_t j = 0; j < nk; ++j)
+        sum += (lg[hh * kKeyTile + j] = expf(lg[hh * kKeyTile + j] - mt));
       m[hh] = mt;
       s[hh] = sum;
       corr[hh] = c;
@@ -247,8 +252,8 @@ __device__ __forceinline__ void lse_stats(const StepParams& p, int64_t rg, int64
   }
 }
 
-__device__ __forceinline__ float lse_output(const StepParams& p, int64_t rg, int64_t first, int64_t n,
-                                            int64_t hh, int64_t e, float M, float S) {
+__device__ __forceinline__ float lse_output(const StepParams& p, int64_t rg, int64_t first,
+                                            int64_t n, int64_t hh, int64_t e, float M, float S) {
   if (n == 0 || S == 0.f) return 0.f;
   const int64_t NS = n_splits_total(p);
   float o = 0.f;
@@ -270,33 +275,22 @@ __global__ void nsa_select_kernel(StepParams p) {
   __shared__ int64_t red_j[32];
   __shared__ int64_t chosen[64];
   __shared__ int64_t n_chosen;
-  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G;
+  const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
   const bool need_scores = branch_needed(p, gate, 0);
-  const bool need_cmp = p.compute_all || gate[0] != 0.f;
   const bool need_sel = p.compute_all || gate[1] != 0.f;
-  const bool need_win = p.compute_all || gate[2] != 0.f;
-  const int64_t h = p.h, dv = p.dv;
+  const int64_t h = p.h;
   float* M = smem;
   float* S = M + h;
   float* score = S + h;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
   const int64_t ns_cmp = need_scores ? (n_cmp + kCmpChunk - 1) / kCmpChunk : 0;
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
-  const int64_t ns_win = need_win ? (n_win + kWinChunk - 1) / kWinChunk : 0;
 
-  for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x) lse_stats(p, rg, 0, ns_cmp, hh, M[hh], S[hh]);
+  for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x)
+    lse_stats(p, rg, 0, ns_cmp, hh, M[hh], S[hh]);
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) {
-    const int64_t hh = i / dv, e = i % dv;
-    const int64_t out = (r * p.H + g * h + hh) * dv + e;
-    p.o_cmp[out] = need_cmp ? lse_output(p, rg, 0, ns_cmp, hh, e, M[hh], S[hh]) : 0.f;
-    float Mw, Sw;
-    lse_stats(p, rg, p.n_cmp_splits, ns_win, hh, Mw, Sw);
-    p.o_win[out] = lse_output(p, rg, p.n_cmp_splits, ns_win, hh, e, Mw, Sw);
-  }
-
   int32_t* blocks = p.sel_blocks + rg * p.n_sel;
   if (!need_sel) {
     for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
@@ -309,19 +303,24 @@ __global__ void nsa_select_kernel(StepParams p) {
     }
     return;
   }
-  // Group score of each complete block: sum over heads and overlapping compressed tokens.
+  // Group score of each complete block. The overlap weights do not depend on the head, so first
+  // sum p_cmp over the heads (in place, over head 0's logits), then spread it over the blocks.
   const int64_t nb = ri.L / p.l_sel;
-  const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
+  float* logits = p.cmp_logits + rg * h * p.cap_cmp;
+  for (int64_t i = threadIdx.x; i < n_cmp; i += blockDim.x) {
+    float ps = 0.f;
+    for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) / S[hh];
+    logits[i] = ps;
+  }
+  __syncthreads();
   for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
     const int64_t lo_num = j * p.l_sel - p.l + 1;
     const int64_t i_lo = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
     const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
     float sc = 0.f;
-    for (int64_t hh = 0; hh < h; ++hh) {
-      for (int64_t i = i_lo; i <= i_hi; ++i) {
-        const float pr = expf(logits[hh * p.cap_cmp + i] - M[hh]) / S[hh];
-        sc += pr * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
-      }
+    for (int64_t i = i_lo; i <= i_hi; ++i) {
+      sc += logits[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) /
+            static_cast<float>(p.l);
     }
     score[j] = sc;
   }
@@ -405,29 +404,42 @@ __global__ void nsa_select_kernel(StepParams p) {
   }
 }
 
-// --- 5. sel combine, gate mix, length advance ------------------------------------------------
+// --- 5. LSE combine of the three branches and gate mix, per (row, head); length advance ------
 template <typename T>
 __global__ void nsa_combine_kernel(StepParams p) {
-  const int64_t r = blockIdx.x;
-  const int64_t first_sel = p.n_cmp_splits + p.n_win_splits;
-  for (int64_t i = threadIdx.x; i < p.H * p.dv; i += blockDim.x) {
-    const int64_t hd = i / p.dv, e = i % p.dv, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
-    const float* gate = p.gates + rg * 3;
-    const int64_t at = r * p.H * p.dv + i;
-    float o_sel = 0.f;
-    if (p.compute_all || gate[1] != 0.f) {
-      float M, S;
-      lse_stats(p, rg, first_sel, p.sel_count[rg], hh, M, S);
-      o_sel = lse_output(p, rg, first_sel, p.sel_count[rg], hh, e, M, S);
-    }
-    p.o_sel[at] = o_sel;
+  __shared__ float stats[3][2];  // (M, S) per branch: cmp, sel, win
+  const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
+  const RowInfo ri = row_info(p, r);
+  const float* gate = p.gates + rg * 3;
+  const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
+  const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
+  const int64_t first[3] = {0, p.n_cmp_splits + p.n_win_splits, p.n_cmp_splits};
+  int64_t count[3] = {(n_cmp + kCmpChunk - 1) / kCmpChunk, p.sel_count[rg],
+                      (n_win + kWinChunk - 1) / kWinChunk};
+  for (int k = 0; k < 3; ++k) {
+    if (!p.compute_all && gate[k] == 0.f) count[k] = 0;  // skipped branch: no partials written
+  }
+  if (threadIdx.x < 3) {
+    const int k = threadIdx.x;
+    lse_stats(p, rg, first[k], count[k], hh, stats[k][0], stats[k][1]);
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < p.dv; e += blockDim.x) {
+    float out[3];
+    for (int k = 0; k < 3; ++k)
+      out[k] = lse_output(p, rg, first[k], count[k], hh, e, stats[k][0], stats[k][1]);
+    const int64_t at = (r * p.H + hd) * p.dv + e;
+    p.o_cmp[at] = out[0];
+    p.o_sel[at] = out[1];
+    p.o_win[at] = out[2];
     float o = 0.f;
-    if (gate[0] != 0.f) o += gate[0] * p.o_cmp[at];
-    if (gate[1] != 0.f) o += gate[1] * o_sel;
-    if (gate[2] != 0.f) o += gate[2] * p.o_win[at];
+    for (int k = 0; k < 3; ++k) {
+      if (gate[k] != 0.f) o += gate[k] * out[k];
+    }
     static_cast<T*>(p.o)[at] = from_f32<T>(o);
   }
-  if (p.len_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.len_out += p.advance;
+  if (p.len_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+    *p.len_out += p.advance;
 }
 
 }  // namespace nsa::cuda

@@ -16,7 +16,7 @@ struct StepParams {
   int64_t B, T, row0, R;  // call has B*T rows (row = b*T + tt); this launch covers R of them
   int64_t H, G, h, dk, dv, dim, P;  // P = projection width H*dk + 3*G*(dk+dv)
   int64_t l, d, l_sel, n_sel, w, g_hid;
-  int64_t cap, cap_cmp;  // cache capacity in tokens and in compressed tokens
+  int64_t cap, cap_cmp;                // cache capacity in tokens and in compressed tokens
   int64_t n_cmp_splits, n_win_splits;  // maximum split counts (from capacity)
   int gate_sigmoid;
   float gate_temp;
@@ -30,26 +30,36 @@ struct StepParams {
 
   // Inputs and weights (storage type unless noted)
   const float* proj;  // [R, P] f32: x W_in^T for this launch's rows
-  const float* fc1_w; const float* fc1_b;  // [g_hid, dk], [g_hid] f32
-  const float* fc2_w; const float* fc2_b;  // [3, g_hid], [3] f32
+  const float* fc1_w;
+  const float* fc1_b;  // [g_hid, dk], [g_hid] f32
+  const float* fc2_w;
+  const float* fc2_b;  // [3, g_hid], [3] f32
 
   // Cache, [B, G, cap, dk|dv] (cmp stream [B, G, cap_cmp, dk|dv]), storage type
-  void* k_cmp_raw; void* v_cmp_raw; void* k_sel; void* v_sel; void* k_win; void* v_win;
-  void* k_cmp; void* v_cmp;
+  void* k_cmp_raw;
+  void* v_cmp_raw;
+  void* k_sel;
+  void* v_sel;
+  void* k_win;
+  void* v_win;
+  void* k_cmp;
+  void* v_cmp;
 
   // Workspace (f32 unless noted)
-  void* q;            // [R, H, dk] storage type, rotated
-  float* gates;       // [R, G, 3]
-  float* cmp_logits;  // [R, G, h, cap_cmp]
-  float* part_m;      // [R, G, n_splits_total, h]
-  float* part_s;      // [R, G, n_splits_total, h]
-  float* part_o;      // [R, G, n_splits_total, h, dv]
-  int32_t* sel_blocks;  // [R, G, n_sel], -1 = unused
-  int32_t* sel_count;   // [R, G]
-  int32_t* reads;       // [R, G, 3]
+  void* q;                        // [R, H, dk] storage type, rotated
+  float* gates;                   // [R, G, 3]
+  float* cmp_logits;              // [R, G, h, cap_cmp]
+  float* part_m;                  // [R, G, n_splits_total, h]
+  float* part_s;                  // [R, G, n_splits_total, h]
+  float* part_o;                  // [R, G, n_splits_total, h, dv]
+  int32_t* sel_blocks;            // [R, G, n_sel], -1 = unused
+  int32_t* sel_count;             // [R, G]
+  int32_t* reads;                 // [R, G, 3]
   unsigned long long* reads_acc;  // [3] running sums of reads (cmp, sel, win)
-  float* o_cmp; float* o_sel; float* o_win;  // [R, H, dv]
-  void* o;            // [R, H*dv] storage type, gated sum (input of the output projection)
+  float* o_cmp;
+  float* o_sel;
+  float* o_win;  // [R, H, dv]
+  void* o;       // [R, H*dv] storage type, gated sum (input of the output projection)
 };
 
 #ifdef __CUDACC__
