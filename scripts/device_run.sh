@@ -21,6 +21,7 @@ log "tests (all suites, GPU included)"
 (cd build-dev && ctest -j 8 --output-on-failure > "$OUT/ctest.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
 grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15 | tee -a "$OUT/summary.txt"
 
+./build-dev/tests/nsa_tests --gtest_filter='Cuda.*' 2>&1 | grep -E "^\[ cuda|PASSED|FAILED" | tee -a "$OUT/summary.txt"
 log "compute-sanitizer memcheck + racecheck"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./build-dev/tests/nsa_tests \
