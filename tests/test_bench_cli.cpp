@@ -2,6 +2,7 @@
 // SPEC section 5 computed here, the seed's CSV, and usage errors. Nothing here is timed.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <sstream>
@@ -25,7 +26,9 @@ std::string slurp(const std::string& path) {
 
 Result nsa_cli(const std::string& args) {
   static int n = 0;
-  const std::string base = testing::TempDir() + "/bench_cli_" + std::to_string(++n);
+  // ctest runs tests as parallel processes: keep file names unique per process.
+  const std::string base =
+      testing::TempDir() + "/bench_cli_" + std::to_string(getpid()) + "_" + std::to_string(++n);
   const int rc = std::system(
       (std::string(NSA_CLI) + " " + args + " > " + base + ".out 2> " + base + ".err").c_str());
   EXPECT_TRUE(WIFEXITED(rc)) << args;

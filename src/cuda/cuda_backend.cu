@@ -243,6 +243,9 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   grow(cache.v_cmp, cache.cap_cmp, cap_cmp, c_.dv);
   cache.cap = cap;
   cache.cap_cmp = cap_cmp;
+  NSA_CHECK((cap_cmp + cuda::kCmpChunk - 1) / cuda::kCmpChunk <= cuda::kMaxSplits,
+            "context of {} tokens exceeds the CUDA decode kernels' limit of {} compressed tokens",
+            cap, cuda::kMaxSplits * cuda::kCmpChunk);
 }
 
 size_t attn_smem_bytes(const Config& c) {
@@ -378,7 +381,8 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   cuda::nsa_attn_split_kernel<T>
       <<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
   NSA_CUDA_CHECK_LAUNCH();
-  const auto combine_threads = static_cast<unsigned>(std::min<int64_t>(256, (p.dv + 31) / 32 * 32));
+  const auto combine_threads =
+      static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   cuda::nsa_combine_kernel<T>
       <<<dim3(R, static_cast<unsigned>(p.H)), combine_threads, 0, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();

@@ -105,19 +105,25 @@ __global__ void nsa_emit_gate_kernel(StepParams p) {
     u[e] = s / static_cast<float>(p.h);
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < p.g_hid; i += blockDim.x) {
-    float a = p.fc1_b[i];
-    for (int64_t e = 0; e < p.dk; ++e) a += p.fc1_w[i * p.dk + e] * u[e];
-    hid[i] = a / (1.f + expf(-a));
+  // One warp per output unit; lanes split the dot product (coalesced weight rows).
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  for (int64_t i = warp; i < p.g_hid; i += n_warps) {
+    float a = 0.f;
+    for (int64_t e = lane; e < p.dk; e += 32) a += p.fc1_w[i * p.dk + e] * u[e];
+    for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
+    a += p.fc1_b[i];
+    if (lane == 0) hid[i] = a / (1.f + expf(-a));
+  }
+  __syncthreads();
+  __shared__ float z[3];
+  for (int64_t k = warp; k < 3; k += n_warps) {
+    float a = 0.f;
+    for (int64_t i = lane; i < p.g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[i];
+    for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
+    if (lane == 0) z[k] = a + p.fc2_b[k];
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    float z[3];
-    for (int k = 0; k < 3; ++k) {
-      float a = p.fc2_b[k];
-      for (int64_t i = 0; i < p.g_hid; ++i) a += p.fc2_w[k * p.g_hid + i] * hid[i];
-      z[k] = a;
-    }
     float* gate = p.gates + (ri.r * p.G + g) * 3;
     if (p.gate_sigmoid) {
       for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
@@ -404,10 +410,12 @@ __global__ void nsa_select_kernel(StepParams p) {
   }
 }
 
-// --- 5. LSE combine of the three branches and gate mix, per (row, head); length advance ------
+// --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
+constexpr int kMaxSplits = 256;  // per branch; checked on the host
+
 template <typename T>
 __global__ void nsa_combine_kernel(StepParams p) {
-  __shared__ float stats[3][2];  // (M, S) per branch: cmp, sel, win
+  __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
   const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
@@ -419,15 +427,30 @@ __global__ void nsa_combine_kernel(StepParams p) {
   for (int k = 0; k < 3; ++k) {
     if (!p.compute_all && gate[k] == 0.f) count[k] = 0;  // skipped branch: no partials written
   }
-  if (threadIdx.x < 3) {
-    const int k = threadIdx.x;
-    lse_stats(p, rg, first[k], count[k], hh, stats[k][0], stats[k][1]);
+  const int64_t NS = n_splits_total(p);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp < 3) {  // one warp per branch: max and sum over the splits
+    const int k = warp;
+    const float* pm = p.part_m + (rg * NS + first[k]) * p.h + hh;
+    const float* ps = p.part_s + (rg * NS + first[k]) * p.h + hh;
+    float M = -FLT_MAX;
+    for (int64_t sp = lane; sp < count[k]; sp += 32) M = fmaxf(M, pm[sp * p.h]);
+    for (int off = 16; off > 0; off /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float S = 0.f;
+    for (int64_t sp = lane; sp < count[k]; sp += 32) S += ps[sp * p.h] * expf(pm[sp * p.h] - M);
+    for (int off = 16; off > 0; off /= 2) S += __shfl_xor_sync(0xffffffffu, S, off);
+    for (int64_t sp = lane; sp < count[k]; sp += 32)
+      weight[k][sp] = S > 0.f ? expf(pm[sp * p.h] - M) / S : 0.f;
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < p.dv; e += blockDim.x) {
     float out[3];
-    for (int k = 0; k < 3; ++k)
-      out[k] = lse_output(p, rg, first[k], count[k], hh, e, stats[k][0], stats[k][1]);
+    for (int k = 0; k < 3; ++k) {
+      const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
+      float o = 0.f;
+      for (int64_t sp = 0; sp < count[k]; ++sp) o += weight[k][sp] * po[sp * p.h * p.dv];
+      out[k] = o;
+    }
     const int64_t at = (r * p.H + hd) * p.dv + e;
     p.o_cmp[at] = out[0];
     p.o_sel[at] = out[1];
@@ -438,8 +461,9 @@ __global__ void nsa_combine_kernel(StepParams p) {
     }
     static_cast<T*>(p.o)[at] = from_f32<T>(o);
   }
-  if (p.len_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
-    *p.len_out += p.advance;
 }
+
+// Advances the device length after every kernel of the step has read it.
+__global__ void nsa_advance_kernel(int64_t* len, int64_t by) { *len += by; }
 
 }  // namespace nsa::cuda

@@ -8,7 +8,7 @@ namespace nsa::cuda {
 
 // Splits: compressed attention in chunks of kCmpChunk tokens; window in kWinChunk tokens;
 // selection one split per selected block.
-constexpr int64_t kCmpChunk = 256;
+constexpr int64_t kCmpChunk = 64;
 constexpr int64_t kWinChunk = 64;
 
 struct StepParams {
@@ -25,7 +25,7 @@ struct StepParams {
   int compute_all;  // 1: never skip zero-gated branches (inspection)
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
-  int64_t* len_out;    // [1] advanced by `advance` at the end of the combine kernel (or null)
+  int64_t* len_out;    // [1] advanced by `advance` by the step's last kernel (or null)
   int64_t advance;
 
   // Inputs and weights (storage type unless noted)
