@@ -386,6 +386,10 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   cuda::nsa_combine_kernel<T>
       <<<dim3(R, static_cast<unsigned>(p.H)), combine_threads, 0, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
+  if (p.len_out != nullptr) {  // after every kernel of the step has read the length
+    cuda::nsa_advance_kernel<<<1, 1, 0, stream_>>>(p.len_out, p.advance);
+    NSA_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
