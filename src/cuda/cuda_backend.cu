@@ -395,26 +395,15 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType_t t = cuda_type(dtype_);
-  if (!gemms) {  // attention-only timing: the kernels read the projection left by the last step
-    switch (dtype_) {
-      case DType::kF32:
-        enqueue_kernels<float>(p);
-        break;
-      case DType::kBF16:
-        enqueue_kernels<__nv_bfloat16>(p);
-        break;
-      default:
-        enqueue_kernels<__half>(p);
-        break;
-    }
-    return;
+  // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T). Without the GEMMs
+  // (attention-only timing) the kernels read the projection left by the previous step.
+  if (gemms) {
+    NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
+                                  static_cast<int>(p.R), static_cast<int>(c_.dim), &one,
+                                  w_in_.get(), t, static_cast<int>(c_.dim), x_dev, t,
+                                  static_cast<int>(c_.dim), &zero, proj_.get(), CUDA_R_32F,
+                                  static_cast<int>(P_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T).
-  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
-                                static_cast<int>(p.R), static_cast<int>(c_.dim), &one, w_in_.get(),
-                                t, static_cast<int>(c_.dim), x_dev, t, static_cast<int>(c_.dim),
-                                &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   switch (dtype_) {
     case DType::kF32:
       enqueue_kernels<float>(p);
@@ -428,6 +417,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
     default:
       NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
   }
+  if (!gemms) return;
   const int HDV = static_cast<int>(c_.heads * c_.dv);
   NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
                                 static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
