@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <type_traits>
 
 #include "core/blocks.h"
 #include "cuda/common/check.h"
+#include "cuda/decode/attn_mma_kernel.cuh"
 #include "cuda/decode/step_kernels.cuh"
 #include "nsa/backend.h"
 
@@ -365,21 +367,28 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   cuda::nsa_append_kernel<T><<<dim3(R, append_blocks), 256, 0, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
   cuda::nsa_emit_gate_kernel<T>
-      <<<dim3(R, static_cast<unsigned>(p.G)), 128,
+      <<<dim3(R, static_cast<unsigned>(p.G)), 256,
          sizeof(float) * static_cast<size_t>(p.dk + p.g_hid), stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
-  const size_t attn_smem = attn_smem_bytes(c_);
-  allow_smem(cuda::nsa_attn_split_kernel<T>, attn_smem);
+  // Tensor cores for 16-bit storage when the group fits the MMA rows; fp32 FFMA otherwise.
+  size_t attn_smem = attn_smem_bytes(c_);
+  auto attn = cuda::nsa_attn_split_kernel<T>;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.h <= cuda::kMmaRows && p.dk % 16 == 0 && p.dv % 16 == 0) {
+      attn = cuda::nsa_attn_split_mma_kernel<T>;
+      attn_smem = cuda::mma_smem_bytes(p.dk, p.dv);
+    }
+  }
+  allow_smem(attn, attn_smem);
   const auto splits_a =
       static_cast<unsigned>(std::max<int64_t>(1, p.n_cmp_splits + p.n_win_splits));
-  cuda::nsa_attn_split_kernel<T><<<dim3(RG, splits_a), 128, attn_smem, stream_>>>(p, 0);
+  attn<<<dim3(RG, splits_a), 128, attn_smem, stream_>>>(p, 0);
   NSA_CUDA_CHECK_LAUNCH();
   const size_t sel_smem = sizeof(float) * static_cast<size_t>(2 * p.h + p.cap / p.l_sel + 1);
   allow_smem(cuda::nsa_select_kernel, sel_smem);
   cuda::nsa_select_kernel<<<RG, 256, sel_smem, stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
-  cuda::nsa_attn_split_kernel<T>
-      <<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
+  attn<<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
   NSA_CUDA_CHECK_LAUNCH();
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));

@@ -89,6 +89,7 @@ __global__ void nsa_emit_gate_kernel(StepParams p) {
       const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) +
                      cache_at(p, ri.b, g, 0, width, p.cap);
       float s = 0.f;
+#pragma unroll 8
       for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
       T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
       out[col] = from_f32<T>(s / static_cast<float>(p.l));
@@ -139,48 +140,66 @@ __global__ void nsa_emit_gate_kernel(StepParams p) {
 // --- 3. Split attention: one (row, group, key range) per block, all h heads at once ------------
 // phase 0: splits [0, n_cmp_splits) are compressed attention (logits kept for scoring), then
 // n_win_splits window splits. phase 1: n_sel splits, one per selected block.
+// The key range [start, end) of one attention split and where its keys live. Returns false when
+// the split has no keys or its branch is gated off.
+struct Split {
+  int64_t rg, r, g, index, start, end;
+  int branch;  // 0 cmp, 1 sel, 2 win
+  const void* K;
+  const void* V;
+};
+
 template <typename T>
-__global__ void nsa_attn_split_kernel(StepParams p, int phase) {
-  extern __shared__ float smem[];
-  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G;
-  const RowInfo ri = row_info(p, r);
-  const float* gate = p.gates + rg * 3;
-  int64_t split = blockIdx.y, start = 0, end = 0;
-  int branch;
+__device__ __forceinline__ bool split_range(const StepParams& p, int phase, Split& sp) {
+  sp.rg = blockIdx.x;
+  sp.r = sp.rg / p.G;
+  sp.g = sp.rg % p.G;
+  const RowInfo ri = row_info(p, sp.r);
+  sp.index = blockIdx.y;
+  sp.start = sp.end = 0;
   const T* K;
   const T* V;
-  int64_t cap;
-  if (phase == 0 && split < p.n_cmp_splits) {
-    branch = 0;
-    start = split * kCmpChunk;
-    end = min(start + kCmpChunk, num_cmp(ri.L, p.l, p.d));
+  int64_t cap = p.cap;
+  if (phase == 0 && sp.index < p.n_cmp_splits) {
+    sp.branch = 0;
+    sp.start = sp.index * kCmpChunk;
+    sp.end = min(sp.start + kCmpChunk, num_cmp(ri.L, p.l, p.d));
     K = static_cast<const T*>(p.k_cmp);
     V = static_cast<const T*>(p.v_cmp);
     cap = p.cap_cmp;
   } else if (phase == 0) {
-    branch = 2;
-    const int64_t s = split - p.n_cmp_splits;
+    sp.branch = 2;
     const int64_t ws = max(int64_t{0}, ri.t - p.w + 1);
-    start = ws + s * kWinChunk;
-    end = p.w > 0 ? min(start + kWinChunk, ri.L) : 0;
+    sp.start = ws + (sp.index - p.n_cmp_splits) * kWinChunk;
+    sp.end = p.w > 0 ? min(sp.start + kWinChunk, ri.L) : 0;
     K = static_cast<const T*>(p.k_win);
     V = static_cast<const T*>(p.v_win);
-    cap = p.cap;
   } else {
-    branch = 1;
-    const int32_t blk = p.sel_blocks[rg * p.n_sel + split];
+    sp.branch = 1;
+    const int32_t blk = p.sel_blocks[sp.rg * p.n_sel + sp.index];
     if (blk >= 0) {
-      start = static_cast<int64_t>(blk) * p.l_sel;
-      end = min(start + p.l_sel, ri.L);
+      sp.start = static_cast<int64_t>(blk) * p.l_sel;
+      sp.end = min(sp.start + p.l_sel, ri.L);
     }
-    split += p.n_cmp_splits + p.n_win_splits;
+    sp.index += p.n_cmp_splits + p.n_win_splits;
     K = static_cast<const T*>(p.k_sel);
     V = static_cast<const T*>(p.v_sel);
-    cap = p.cap;
   }
-  if (start >= end || !branch_needed(p, gate, branch)) return;
-  K += cache_at(p, ri.b, g, 0, p.dk, cap);
-  V += cache_at(p, ri.b, g, 0, p.dv, cap);
+  if (sp.start >= sp.end || !branch_needed(p, p.gates + sp.rg * 3, sp.branch)) return false;
+  sp.K = K + cache_at(p, ri.b, sp.g, 0, p.dk, cap);
+  sp.V = V + cache_at(p, ri.b, sp.g, 0, p.dv, cap);
+  return true;
+}
+
+template <typename T>
+__global__ void nsa_attn_split_kernel(StepParams p, int phase) {
+  extern __shared__ float smem[];
+  Split sp;
+  if (!split_range<T>(p, phase, sp)) return;
+  const int64_t rg = sp.rg, r = sp.r, g = sp.g, split = sp.index, start = sp.start, end = sp.end;
+  const int branch = sp.branch;
+  const T* K = static_cast<const T*>(sp.K);
+  const T* V = static_cast<const T*>(sp.V);
 
   const int64_t h = p.h, dk = p.dk, dv = p.dv, kst = dk + 1;
   float* qs = smem;                 // [h][dk], pre-scaled
@@ -245,31 +264,6 @@ __global__ void nsa_attn_split_kernel(StepParams p, int phase) {
   for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) p.part_o[base * dv + i] = acc[i];
 }
 
-// Log-sum-exp combine of `n` partials of head hh starting at split `first`; returns M and S.
-__device__ __forceinline__ void lse_stats(const StepParams& p, int64_t rg, int64_t first, int64_t n,
-                                          int64_t hh, float& M, float& S) {
-  const int64_t NS = n_splits_total(p);
-  M = -FLT_MAX;
-  for (int64_t k = 0; k < n; ++k) M = fmaxf(M, p.part_m[(rg * NS + first + k) * p.h + hh]);
-  S = 0.f;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t at = (rg * NS + first + k) * p.h + hh;
-    S += p.part_s[at] * expf(p.part_m[at] - M);
-  }
-}
-
-__device__ __forceinline__ float lse_output(const StepParams& p, int64_t rg, int64_t first,
-                                            int64_t n, int64_t hh, int64_t e, float M, float S) {
-  if (n == 0 || S == 0.f) return 0.f;
-  const int64_t NS = n_splits_total(p);
-  float o = 0.f;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t at = (rg * NS + first + k) * p.h + hh;
-    o += p.part_o[at * p.dv + e] * expf(p.part_m[at] - M);
-  }
-  return o / S;
-}
-
 // --- 4. cmp/win combine, block scores, top-n selection, reads -------------------------------
 __device__ __forceinline__ bool better(float va, int64_t ja, float vb, int64_t jb) {
   return va > vb || (va == vb && ja < jb);
@@ -294,8 +288,24 @@ __global__ void nsa_select_kernel(StepParams p) {
   const int64_t ns_cmp = need_scores ? (n_cmp + kCmpChunk - 1) / kCmpChunk : 0;
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
 
-  for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x)
-    lse_stats(p, rg, 0, ns_cmp, hh, M[hh], S[hh]);
+  {  // one warp per head: max and sum over the compressed splits
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    const int64_t NS = n_splits_total(p);
+    for (int64_t hh = warp; hh < h; hh += n_warps) {
+      const float* pm = p.part_m + rg * NS * h + hh;
+      const float* pss = p.part_s + rg * NS * h + hh;
+      float mx = -FLT_MAX;
+      for (int64_t k = lane; k < ns_cmp; k += 32) mx = fmaxf(mx, pm[k * h]);
+      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      float sum = 0.f;
+      for (int64_t k = lane; k < ns_cmp; k += 32) sum += pss[k * h] * expf(pm[k * h] - mx);
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) {
+        M[hh] = mx;
+        S[hh] = sum;
+      }
+    }
+  }
   __syncthreads();
   int32_t* blocks = p.sel_blocks + rg * p.n_sel;
   if (!need_sel) {
