@@ -16,8 +16,8 @@ constexpr int kMmaPad = 8;    // elements of row padding (16 bytes) against bank
 
 // Shared-memory bytes of nsa_attn_split_mma_kernel for head dims dk, dv.
 __host__ __device__ inline size_t mma_smem_bytes(int64_t dk, int64_t dv) {
-  const int64_t halfs = kMmaRows * (dk + kMmaPad) + kMmaKeys * (dk + kMmaPad) + kMmaKeys * (dv + kMmaPad) +
-                        kMmaRows * (kMmaKeys + kMmaPad);
+  const int64_t halfs = kMmaRows * (dk + kMmaPad) + kMmaKeys * (dk + kMmaPad) +
+                        kMmaKeys * (dv + kMmaPad) + kMmaRows * (kMmaKeys + kMmaPad);
   const int64_t floats = kMmaRows * kMmaKeys + 2 * kMmaRows * dv + 3 * kMmaRows;
   return static_cast<size_t>(halfs * 2 + floats * 4);
 }
@@ -25,10 +25,11 @@ __host__ __device__ inline size_t mma_smem_bytes(int64_t dk, int64_t dv) {
 // Copies `rows` rows of `width` 16-bit elements (width % 8 == 0) into shared memory with row
 // stride ld, 16 bytes per access; rows in [rows, kMmaKeys) are zeroed.
 template <typename T>
-__device__ __forceinline__ void load_tile(T* dst, int64_t ld, const T* src, int64_t rows, int64_t width) {
-  const int64_t vec = width / 8;
-  for (int64_t i = threadIdx.x; i < kMmaKeys * vec; i += blockDim.x) {
-    const int64_t row = i / vec, c = i % vec;
+__device__ __forceinline__ void load_tile(T* dst, int64_t ld, const T* src, int64_t rows,
+                                          int64_t width) {
+  const int vec = static_cast<int>(width / 8);
+  for (int i = threadIdx.x; i < kMmaKeys * vec; i += blockDim.x) {
+    const int row = i / vec, c = i % vec;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (row < rows) v = reinterpret_cast<const uint4*>(src + row * width)[c];
     reinterpret_cast<uint4*>(dst + row * ld)[c] = v;
@@ -43,21 +44,21 @@ __global__ void __launch_bounds__(128) nsa_attn_split_mma_kernel(StepParams p, i
   if (!split_range<T>(p, phase, sp)) return;
   const int64_t h = p.h, dk = p.dk, dv = p.dv;
   const int64_t ldq = dk + kMmaPad, ldv = dv + kMmaPad, ldp = kMmaKeys + kMmaPad;
-  T* qs = reinterpret_cast<T*>(smem_raw);      // [16][ldq]
-  T* ks = qs + kMmaRows * ldq;                 // [64][ldq]
-  T* vs = ks + kMmaKeys * ldq;                 // [64][ldv]
-  T* ps = vs + kMmaKeys * ldv;                 // [16][ldp] probabilities
+  T* qs = reinterpret_cast<T*>(smem_raw);                     // [16][ldq]
+  T* ks = qs + kMmaRows * ldq;                                // [64][ldq]
+  T* vs = ks + kMmaKeys * ldq;                                // [64][ldv]
+  T* ps = vs + kMmaKeys * ldv;                                // [16][ldp] probabilities
   float* sc = reinterpret_cast<float*>(ps + kMmaRows * ldp);  // [16][64] logits
-  float* oacc = sc + kMmaRows * kMmaKeys;      // [16][dv]
-  float* otmp = oacc + kMmaRows * dv;          // [16][dv]
-  float* m = otmp + kMmaRows * dv;             // [16]
-  float* s = m + kMmaRows;                     // [16]
-  float* corr = s + kMmaRows;                  // [16]
+  float* oacc = sc + kMmaRows * kMmaKeys;                     // [16][dv]
+  float* otmp = oacc + kMmaRows * dv;                         // [16][dv]
+  float* m = otmp + kMmaRows * dv;                            // [16]
+  float* s = m + kMmaRows;                                    // [16]
+  float* corr = s + kMmaRows;                                 // [16]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * h) * dk;
-  for (int64_t i = threadIdx.x; i < kMmaRows * dk; i += blockDim.x) {
-    const int64_t row = i / dk, e = i % dk;
+  for (int i = threadIdx.x; i < kMmaRows * dk; i += blockDim.x) {
+    const int row = i / static_cast<int>(dk), e = i % static_cast<int>(dk);
     qs[row * ldq + e] = row < h ? q[row * dk + e] : from_f32<T>(0.f);
   }
   for (int64_t i = threadIdx.x; i < kMmaRows * dv; i += blockDim.x) oacc[i] = 0.f;
@@ -125,7 +126,9 @@ __global__ void __launch_bounds__(128) nsa_attn_split_mma_kernel(StepParams p, i
       wmma::store_matrix_sync(otmp + nt * 16, acc, static_cast<unsigned>(dv), wmma::mem_row_major);
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < kMmaRows * dv; i += blockDim.x) oacc[i] = oacc[i] * corr[i / dv] + otmp[i];
+    for (int i = threadIdx.x; i < kMmaRows * dv; i += blockDim.x) {
+      oacc[i] = oacc[i] * corr[i / static_cast<int>(dv)] + otmp[i];
+    }
   }
   __syncthreads();
   const int64_t base = (sp.rg * n_splits_total(p) + sp.index) * h;

@@ -10,7 +10,7 @@
 
 namespace nsa::cuda {
 
-constexpr int kKeyTile = 16;  // keys per shared-memory tile in the attention kernels
+constexpr int kKeyTile = 64;  // keys per shared-memory tile of the FFMA attention kernel
 
 struct RowInfo {
   int64_t r, b, t, L;
@@ -40,13 +40,13 @@ __global__ void nsa_append_kernel(StepParams p) {
   const RowInfo ri = row_info(p, blockIdx.x);
   const float* pr = p.proj + ri.r * p.P;
   T* q = static_cast<T*>(p.q) + ri.r * p.H * p.dk;
-  const int64_t half = p.dk / 2;
-  const int64_t first = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const int half = static_cast<int>(p.dk / 2);
+  const int first = blockIdx.y * blockDim.x + threadIdx.x;
+  const int stride = gridDim.y * blockDim.x;
   // Rotate (q heads, then the three keys) pair by pair; angles in double (positions reach 1e5).
-  const int64_t n_pairs = (p.H + 3 * p.G) * half;
-  for (int64_t i = first; i < n_pairs; i += stride) {
-    const int64_t vec = i / half, j = i % half;
+  const int n_pairs = static_cast<int>((p.H + 3 * p.G) * half);
+  for (int i = first; i < n_pairs; i += stride) {
+    const int vec = i / half, j = i % half;
     const double a = static_cast<double>(ri.t) *
                      pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
     double sn, cs;
@@ -66,9 +66,10 @@ __global__ void nsa_append_kernel(StepParams p) {
     dst[2 * j] = from_f32<T>(static_cast<float>(x0 * cs - x1 * sn));
     dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn + x1 * cs));
   }
-  const int64_t n_vals = 3 * p.G * p.dv;
-  for (int64_t i = first; i < n_vals; i += stride) {
-    const int64_t kv = i / (p.G * p.dv), g = (i / p.dv) % p.G, e = i % p.dv;
+  const int G = static_cast<int>(p.G), dv = static_cast<int>(p.dv);
+  const int n_vals = 3 * G * dv;
+  for (int i = first; i < n_vals; i += stride) {
+    const int kv = i / (G * dv), g = (i / dv) % G, e = i % dv;
     const float v = pr[p.H * p.dk + kv * p.G * (p.dk + p.dv) + p.G * p.dk + g * p.dv + e];
     void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
     static_cast<T*>(base)[cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e] = from_f32<T>(v);
@@ -191,17 +192,15 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   return true;
 }
 
+// FFMA split attention (fp32 storage, or head groups the MMA path does not take). Tiles of
+// kKeyTile keys; 32-bit indices inside the block; one warp per head for the online softmax.
 template <typename T>
-__global__ void nsa_attn_split_kernel(StepParams p, int phase) {
+__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
   extern __shared__ float smem[];
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
-  const int64_t rg = sp.rg, r = sp.r, g = sp.g, split = sp.index, start = sp.start, end = sp.end;
-  const int branch = sp.branch;
-  const T* K = static_cast<const T*>(sp.K);
-  const T* V = static_cast<const T*>(sp.V);
-
-  const int64_t h = p.h, dk = p.dk, dv = p.dv, kst = dk + 1;
+  const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
+  const int kst = dk + 1;
   float* qs = smem;                 // [h][dk], pre-scaled
   float* ks = qs + h * dk;          // [kKeyTile][dk + 1]
   float* vs = ks + kKeyTile * kst;  // [kKeyTile][dv]
@@ -210,58 +209,73 @@ __global__ void nsa_attn_split_kernel(StepParams p, int phase) {
   float* m = acc + h * dv;          // [h]
   float* s = m + h;                 // [h]
   float* corr = s + h;              // [h]
-  const T* q = static_cast<const T*>(p.q) + (r * p.H + g * h) * dk;
-  for (int64_t i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
-  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * p.h) * p.dk;
+  for (int i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
+  for (int i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
+  for (int i = threadIdx.x; i < h; i += blockDim.x) {
     m[i] = -FLT_MAX;
     s[i] = 0.f;
   }
-  float* logits_out = branch == 0 ? p.cmp_logits + rg * h * p.cap_cmp : nullptr;
-  for (int64_t k0 = start; k0 < end; k0 += kKeyTile) {
-    const int64_t nk = min(static_cast<int64_t>(kKeyTile), end - k0);
+  float* logits_out = sp.branch == 0 ? p.cmp_logits + sp.rg * p.h * p.cap_cmp : nullptr;
+  for (int64_t k0 = sp.start; k0 < sp.end; k0 += kKeyTile) {
+    const int nk = static_cast<int>(min(static_cast<int64_t>(kKeyTile), sp.end - k0));
+    const T* K = static_cast<const T*>(sp.K) + k0 * p.dk;
+    const T* V = static_cast<const T*>(sp.V) + k0 * p.dv;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < nk * dk; i += blockDim.x)
-      ks[(i / dk) * kst + i % dk] = to_f32(K[k0 * dk + i]);
-    for (int64_t i = threadIdx.x; i < nk * dv; i += blockDim.x) vs[i] = to_f32(V[k0 * dv + i]);
+    for (int i = threadIdx.x; i < nk * dk; i += blockDim.x)
+      ks[(i / dk) * kst + i % dk] = to_f32(K[i]);
+    for (int i = threadIdx.x; i < nk * dv; i += blockDim.x) vs[i] = to_f32(V[i]);
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < h * nk; i += blockDim.x) {
-      const int64_t hh = i / nk, j = i % nk;
-      const float* qq = qs + hh * dk;
-      const float* kk = ks + j * kst;
-      float a = 0.f;
-      for (int64_t e = 0; e < dk; ++e) a += qq[e] * kk[e];
-      lg[hh * kKeyTile + j] = a;
-      if (logits_out) logits_out[hh * p.cap_cmp + k0 + j] = a;
+    for (int i = threadIdx.x; i < h * kKeyTile; i += blockDim.x) {
+      const int hh = i / kKeyTile, j = i % kKeyTile;
+      float a = -FLT_MAX;
+      if (j < nk) {
+        const float* qq = qs + hh * dk;
+        const float* kk = ks + j * kst;
+        a = 0.f;
+        for (int e = 0; e < dk; ++e) a += qq[e] * kk[e];
+        if (logits_out) logits_out[hh * p.cap_cmp + k0 + j] = a;
+      }
+      lg[i] = a;
     }
     __syncthreads();
-    for (int64_t hh = threadIdx.x; hh < h; hh += blockDim.x) {
-      float mt = m[hh];
-      for (int64_t j = 0; j < nk; ++j) mt = fmaxf(mt, lg[hh * kKeyTile + j]);
-      const float c = expf(m[hh] - mt);
-      float sum = s[hh] * c;
-      for (int64_t j = 0; j < nk; ++j)
-        sum += (lg[hh * kKeyTile + j] = expf(lg[hh * kKeyTile + j] - mt));
-      m[hh] = mt;
-      s[hh] = sum;
-      corr[hh] = c;
+    for (int hh = warp; hh < h; hh += n_warps) {
+      float x[kKeyTile / 32], mt = m[hh];
+      for (int k = 0; k < kKeyTile / 32; ++k)
+        mt = fmaxf(mt, x[k] = lg[hh * kKeyTile + lane + 32 * k]);
+      for (int off = 16; off > 0; off /= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+      float sum = 0.f;
+      for (int k = 0; k < kKeyTile / 32; ++k) {
+        const int j = lane + 32 * k;
+        const float e = j < nk ? expf(x[k] - mt) : 0.f;
+        lg[hh * kKeyTile + j] = e;
+        sum += e;
+      }
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) {
+        const float c = expf(m[hh] - mt);
+        corr[hh] = c;
+        s[hh] = s[hh] * c + sum;
+        m[hh] = mt;
+      }
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) {
-      const int64_t hh = i / dv, e = i % dv;
+    for (int i = threadIdx.x; i < h * dv; i += blockDim.x) {
+      const int hh = i / dv, e = i % dv;
+      const float* pr = lg + hh * kKeyTile;
       float a = acc[i] * corr[hh];
-      for (int64_t j = 0; j < nk; ++j) a += lg[hh * kKeyTile + j] * vs[j * dv + e];
+      for (int j = 0; j < nk; ++j) a += pr[j] * vs[j * dv + e];
       acc[i] = a;
     }
   }
   __syncthreads();
-  const int64_t NS = n_splits_total(p);
-  const int64_t base = (rg * NS + split) * h;
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+  const int64_t base = (sp.rg * n_splits_total(p) + sp.index) * p.h;
+  for (int i = threadIdx.x; i < h; i += blockDim.x) {
     p.part_m[base + i] = m[i];
     p.part_s[base + i] = s[i];
   }
-  for (int64_t i = threadIdx.x; i < h * dv; i += blockDim.x) p.part_o[base * dv + i] = acc[i];
+  for (int i = threadIdx.x; i < h * dv; i += blockDim.x) p.part_o[base * p.dv + i] = acc[i];
 }
 
 // --- 4. cmp/win combine, block scores, top-n selection, reads -------------------------------
