@@ -27,12 +27,23 @@ __host__ __device__ inline size_t mma_smem_bytes(int64_t dk, int64_t dv) {
 template <typename T>
 __device__ __forceinline__ void load_tile(T* dst, int64_t ld, const T* src, int64_t rows,
                                           int64_t width) {
-  const int vec = static_cast<int>(width / 8);
-  for (int i = threadIdx.x; i < kMmaKeys * vec; i += blockDim.x) {
-    const int row = i / vec, c = i % vec;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < rows) v = reinterpret_cast<const uint4*>(src + row * width)[c];
-    reinterpret_cast<uint4*>(dst + row * ld)[c] = v;
+  // Loads are staged in registers, kStage per thread in flight, before the shared stores: a
+  // load-store loop would wait one memory latency per iteration.
+  constexpr int kStage = 8;
+  const int vec = static_cast<int>(width / 8), total = kMmaKeys * vec;
+  const uint4* s4 = reinterpret_cast<const uint4*>(src);
+  for (int base = threadIdx.x; base < total; base += kStage * blockDim.x) {
+    uint4 r[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      r[u] = i < total && i / vec < rows ? __ldg(s4 + i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < total) reinterpret_cast<uint4*>(dst + (i / vec) * ld)[i % vec] = r[u];
+    }
   }
 }
 

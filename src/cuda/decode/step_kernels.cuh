@@ -192,6 +192,25 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   return true;
 }
 
+// Reads src[0, n) as f32 with kStage loads per thread in flight, then hands each to store(i, v).
+template <typename T, typename Store>
+__device__ __forceinline__ void stage_load(const T* src, int n, Store store) {
+  constexpr int kStage = 8;
+  for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
+    float r[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      r[u] = i < n ? to_f32(src[i]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < n) store(i, r[u]);
+    }
+  }
+}
+
 // FFMA split attention (fp32 storage, or head groups the MMA path does not take). Tiles of
 // kKeyTile keys; 32-bit indices inside the block; one warp per head for the online softmax.
 template <typename T>
@@ -223,9 +242,8 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
     const T* K = static_cast<const T*>(sp.K) + k0 * p.dk;
     const T* V = static_cast<const T*>(sp.V) + k0 * p.dv;
     __syncthreads();
-    for (int i = threadIdx.x; i < nk * dk; i += blockDim.x)
-      ks[(i / dk) * kst + i % dk] = to_f32(K[i]);
-    for (int i = threadIdx.x; i < nk * dv; i += blockDim.x) vs[i] = to_f32(V[i]);
+    stage_load(K, nk * dk, [&](int i, float v) { ks[(i / dk) * kst + i % dk] = v; });
+    stage_load(V, nk * dv, [&](int i, float v) { vs[i] = v; });
     __syncthreads();
     for (int i = threadIdx.x; i < h * kKeyTile; i += blockDim.x) {
       const int hh = i / kKeyTile, j = i % kKeyTile;
