@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <random>
 #include <type_traits>
@@ -101,6 +102,16 @@ struct CudaCache : CacheState {
   // [B, G, cap, dk|dv] each; compressed stream [B, G, cap_cmp, dk|dv]
   DeviceBuffer k_cmp_raw, v_cmp_raw, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp;
   DeviceBuffer len;  // int64 [1], the device copy of `length`
+
+  // The six per-position arrays with their row widths.
+  std::array<std::pair<DeviceBuffer*, int64_t>, 6> raw_arrays(int64_t dk, int64_t dv) {
+    return {{{&k_cmp_raw, dk},
+             {&v_cmp_raw, dv},
+             {&k_sel, dk},
+             {&v_sel, dv},
+             {&k_win, dk},
+             {&v_win, dv}}};
+  }
 };
 
 cudaDataType_t cuda_type(DType t) {
@@ -233,12 +244,7 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
     }
     buf = std::move(nb);
   };
-  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk},
-                            {&cache.v_cmp_raw, c_.dv},
-                            {&cache.k_sel, c_.dk},
-                            {&cache.v_sel, c_.dv},
-                            {&cache.k_win, c_.dk},
-                            {&cache.v_win, c_.dv}}) {
+  for (auto [buf, width] : cache.raw_arrays(c_.dk, c_.dv)) {
     grow(*buf, cache.cap, cap, width);
   }
   grow(cache.k_cmp, cache.cap_cmp, cap_cmp, c_.dk);
@@ -508,12 +514,7 @@ void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
   reserve(cache, cache.length + S);
   const int64_t BG = cache.batch * c_.groups;
   uint64_t salt = seed * 6 + 12345;
-  for (auto [buf, width] : {std::pair{&cache.k_cmp_raw, c_.dk},
-                            {&cache.v_cmp_raw, c_.dv},
-                            {&cache.k_sel, c_.dk},
-                            {&cache.v_sel, c_.dv},
-                            {&cache.k_win, c_.dk},
-                            {&cache.v_win, c_.dv}}) {
+  for (auto [buf, width] : cache.raw_arrays(c_.dk, c_.dv)) {
     const int kind = dtype_ == DType::kF32 ? 0 : dtype_ == DType::kBF16 ? 1 : 2;
     nsa_fill_random_kernel<<<1024, 256, 0, stream_>>>(buf->get(), kind, BG, cache.cap, width,
                                                       cache.length, S, ++salt);
