@@ -103,7 +103,6 @@ __global__ void nsa_emit_gate_kernel(StepParams p) {
   float* hid = smem + p.dk;
   for (int64_t e = threadIdx.x; e < p.dk; e += blockDim.x) {
     float s = 0.f;
-#pragma unroll 8
     for (int64_t j = 0; j < p.h; ++j) s += to_f32(q[j * p.dk + e]);
     u[e] = s / static_cast<float>(p.h);
   }
@@ -358,8 +357,6 @@ __global__ void nsa_select_kernel(StepParams p) {
   float* logits = p.cmp_logits + rg * h * p.cap_cmp;
   for (int64_t i = threadIdx.x; i < n_cmp; i += blockDim.x) {
     float ps = 0.f;
-    // Unrolled so that the head loads are in flight together, not one latency each.
-#pragma unroll 8
     for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) / S[hh];
     logits[i] = ps;
   }
@@ -369,7 +366,6 @@ __global__ void nsa_select_kernel(StepParams p) {
     const int64_t i_lo = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
     const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
     float sc = 0.f;
-#pragma unroll 4
     for (int64_t i = i_lo; i <= i_hi; ++i) {
       sc += logits[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) /
             static_cast<float>(p.l);
@@ -494,7 +490,6 @@ __global__ void nsa_combine_kernel(StepParams p) {
     for (int k = 0; k < 3; ++k) {
       const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
       float o = 0.f;
-#pragma unroll 8
       for (int64_t sp = 0; sp < count[k]; ++sp) o += weight[k][sp] * po[sp * p.h * p.dv];
       out[k] = o;
     }
