@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -77,8 +78,24 @@ struct CpuCache : CacheState {
     // window rows and the last l raw cmp rows; keeping all keeps the reference simple).
     std::vector<float> k_cmp_raw, v_cmp_raw, k_sel, v_sel, k_win, v_win;
     std::vector<float> k_cmp, v_cmp;  // compressed stream [num_cmp, G, dk|dv]
+
+    // The six per-position arrays in projection order, keys at even indices.
+    std::array<std::vector<float>*, 6> raw() {
+      return {&k_cmp_raw, &v_cmp_raw, &k_sel, &v_sel, &k_win, &v_win};
+    }
   };
   std::vector<Seq> seqs;
+};
+
+// Per-thread working memory of attend_token, sized once per forward call.
+struct Scratch {
+  std::vector<float> p;           // [max keys] logits, then probabilities
+  std::vector<double> acc;        // [dv]
+  std::vector<double> score;      // [blocks]
+  std::vector<double> u, hid;     // [dk], [gate_hidden]
+  std::vector<float> oc, os, ow;  // [h * dv] per-branch outputs of the group
+  std::vector<int32_t> blocks;    // [n_sel]
+  std::vector<Range> ranges;
 };
 
 class CpuBackend final : public Backend {
@@ -117,8 +134,7 @@ class CpuBackend final : public Backend {
   void emit(CpuCache::Seq& s, int64_t L) const;
   void append(CpuCache& cache, const std::vector<float>& proj, int64_t T) const;
   void attend_token(const CpuCache::Seq& seq, const float* q, int64_t t, int64_t g, float* o,
-                    Inspection* inspect, int64_t row, std::vector<float>& p,
-                    std::vector<double>& acc, std::vector<double>& score) const;
+                    Inspection* inspect, int64_t row, Scratch& sc) const;
 
   Config c_;
   LayerWeights w_;
@@ -178,8 +194,7 @@ void CpuBackend::append(CpuCache& cache, const std::vector<float>& proj, int64_t
                              row + G * (2 * dk + dv),
                              row + G * (2 * dk + 2 * dv),
                              row + G * (3 * dk + 2 * dv)};
-      std::vector<float>* dst[6] = {&s.k_cmp_raw, &s.v_cmp_raw, &s.k_sel,
-                                    &s.v_sel,     &s.k_win,     &s.v_win};
+      const auto dst = s.raw();
       for (int i = 0; i < 6; ++i) {
         const bool is_key = i % 2 == 0;
         const int64_t width = G * (is_key ? dk : dv);
@@ -199,14 +214,15 @@ void CpuBackend::append(CpuCache& cache, const std::vector<float>& proj, int64_t
 }
 
 void CpuBackend::attend_token(const CpuCache::Seq& s, const float* q, int64_t t, int64_t g,
-                              float* o, Inspection* inspect, int64_t row, std::vector<float>& p,
-                              std::vector<double>& acc, std::vector<double>& score) const {
+                              float* o, Inspection* inspect, int64_t row, Scratch& sc) const {
   const int64_t G = c_.groups, h = c_.heads_per_group(), dk = c_.dk, dv = c_.dv;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
   const float* qg = q + g * h * dk;
 
   // Gate from the mean of the group's rotated queries.
-  std::vector<double> u(static_cast<size_t>(dk), 0.0), hid(static_cast<size_t>(c_.gate_hidden));
+  std::vector<float>& p = sc.p;
+  std::vector<double>&acc = sc.acc, &score = sc.score, &u = sc.u, &hid = sc.hid;
+  std::fill(u.begin(), u.end(), 0.0);
   for (int64_t j = 0; j < h; ++j)
     for (int64_t k = 0; k < dk; ++k) u[static_cast<size_t>(k)] += qg[j * dk + k];
   for (double& v : u) v /= static_cast<double>(h);
@@ -241,7 +257,8 @@ void CpuBackend::attend_token(const CpuCache::Seq& s, const float* q, int64_t t,
   const int64_t L = t + 1;
   const int64_t n_cmp = core::num_cmp(L, c_.l, c_.d);
   const int64_t complete = L / c_.l_sel;
-  std::vector<float> oc(static_cast<size_t>(h * dv), 0.f), os(oc), ow(oc);
+  std::vector<float>&oc = sc.oc, &os = sc.os, &ow = sc.ow;
+  for (auto* v : {&oc, &os, &ow}) std::fill(v->begin(), v->end(), 0.f);
   std::fill(score.begin(), score.begin() + complete, 0.0);
   if (need_cmp || need_sel) {
     const Range r{0, n_cmp};
@@ -251,11 +268,13 @@ void CpuBackend::attend_token(const CpuCache::Seq& s, const float* q, int64_t t,
       if (need_sel) core::add_block_scores(p.data(), n_cmp, c_, score.data(), complete);
     }
   }
-  std::vector<int32_t> blocks(static_cast<size_t>(c_.n_sel), -1);
+  std::vector<int32_t>& blocks = sc.blocks;
+  std::fill(blocks.begin(), blocks.end(), -1);
   int64_t n_blocks = 0;
   if (need_sel) {
     n_blocks = core::select_blocks(score.data(), t, c_, blocks.data());
-    std::vector<Range> ranges;
+    std::vector<Range>& ranges = sc.ranges;
+    ranges.clear();
     for (int64_t k = 0; k < n_blocks; ++k) {
       const int64_t start = blocks[static_cast<size_t>(k)] * c_.l_sel;
       const int64_t end = std::min(start + c_.l_sel, L);
@@ -339,18 +358,24 @@ void CpuBackend::forward(CacheState& state, const float* x, int64_t T, float* y,
       {core::num_cmp(L_max, c_.l, c_.d), c_.n_sel * c_.l_sel, std::min(c_.w, L_max), int64_t{1}});
   const int64_t hdv = c_.heads * c_.dv;
   std::vector<float> o(static_cast<size_t>(rows * hdv));
-#pragma omp parallel num_threads(threads_) if (rows * G * (max_keys + c_.w) * c_.heads * c_.dk > \
+#pragma omp parallel num_threads(threads_) if (rows * G * max_keys * c_.heads * c_.dk > \
                                                kParallelWork)
   {
-    std::vector<float> p(static_cast<size_t>(max_keys));
-    std::vector<double> acc(static_cast<size_t>(c_.dv));
-    std::vector<double> score(static_cast<size_t>(L_max / c_.l_sel + 1));
+    Scratch sc;
+    sc.p.resize(static_cast<size_t>(max_keys));
+    sc.acc.resize(static_cast<size_t>(c_.dv));
+    sc.score.resize(static_cast<size_t>(L_max / c_.l_sel + 1));
+    sc.u.resize(static_cast<size_t>(c_.dk));
+    sc.hid.resize(static_cast<size_t>(c_.gate_hidden));
+    for (auto* v : {&sc.oc, &sc.os, &sc.ow})
+      v->resize(static_cast<size_t>(c_.heads_per_group() * c_.dv));
+    sc.blocks.resize(static_cast<size_t>(c_.n_sel));
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t b = r / T, t = len0 + r % T;
         attend_token(cache.seqs[static_cast<size_t>(b)], proj.data() + r * proj_cols_, t, g,
-                     o.data() + r * hdv, inspect, r, p, acc, score);
+                     o.data() + r * hdv, inspect, r, sc);
       }
     }
   }
@@ -366,13 +391,10 @@ void CpuBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
   };
   for (auto& s : cache.seqs) {
     for (int64_t t = 0; t < S; ++t) {
-      for (auto [v, width] : {std::pair{&s.k_cmp_raw, c_.dk},
-                              {&s.v_cmp_raw, c_.dv},
-                              {&s.k_sel, c_.dk},
-                              {&s.v_sel, c_.dv},
-                              {&s.k_win, c_.dk},
-                              {&s.v_win, c_.dv}}) {
-        for (int64_t e = 0; e < G * width; ++e) v->push_back(draw());
+      const auto arrays = s.raw();
+      for (size_t i = 0; i < arrays.size(); ++i) {
+        const int64_t width = G * (i % 2 == 0 ? c_.dk : c_.dv);
+        for (int64_t e = 0; e < width; ++e) arrays[i]->push_back(draw());
       }
       emit(s, len0 + t + 1);
     }

@@ -128,34 +128,40 @@ struct DecodeRow {
   int64_t reads_actual = 0, reads_expected = 0, reads_actual_decode = 0, reads_expected_decode = 0;
 };
 
-// A fresh cache holding S tokens: prefilled from x_prefill, or filled with random keys/values.
-nsa::KVCache fresh_cache(nsa::Layer& layer, const ShapeArgs& a, const nsa::Tensor& x_prefill) {
+// How each fresh cache gets its S tokens: a prefill of x [B, S, dim], or (x empty, --fill random)
+// S positions of random keys/values.
+struct CacheFill {
+  int64_t S = 0;
+  nsa::Tensor x;
+};
+
+nsa::KVCache fresh_cache(nsa::Layer& layer, const ShapeArgs& a, const CacheFill& fill) {
   nsa::KVCache cache = layer.new_cache(a.B);
   if (a.fill == "random") {
-    layer.fill_random(cache, x_prefill.dim(1), a.seed + static_cast<uint64_t>(x_prefill.dim(1)));
+    layer.fill_random(cache, fill.S, a.seed + static_cast<uint64_t>(fill.S));
   } else {
-    layer.prefill(cache, x_prefill);
+    layer.prefill(cache, fill.x);
   }
   return cache;
 }
 
 // Per-step milliseconds of the timed decode steps on a fresh cache (the backend's own timing:
 // wall clock on the CPU, CUDA events around one graph replay per step on the GPU).
-std::vector<double> time_decode(nsa::Layer& layer, const ShapeArgs& a, const nsa::Tensor& x_prefill,
+std::vector<double> time_decode(nsa::Layer& layer, const ShapeArgs& a, const CacheFill& fill,
                                 const std::vector<nsa::Tensor>& steps,
                                 bool attention_only = false) {
-  nsa::KVCache cache = fresh_cache(layer, a, x_prefill);
+  nsa::KVCache cache = fresh_cache(layer, a, fill);
   return layer.time_decode(cache, steps, a.warmup, attention_only);
 }
 
 // Reads at the timed steps, measured from the selection on a fresh cache with the same inputs.
 void measure_reads(nsa::Layer& layer, const ShapeArgs& a, const nsa::Config& c,
-                   const nsa::Tensor& x_prefill, const std::vector<nsa::Tensor>& steps,
-                   int64_t warmup, DecodeRow& row) {
-  nsa::KVCache cache = fresh_cache(layer, a, x_prefill);
+                   const CacheFill& fill, const std::vector<nsa::Tensor>& steps, int64_t warmup,
+                   DecodeRow& row) {
+  nsa::KVCache cache = fresh_cache(layer, a, fill);
   nsa::Inspection ins;
   ins.want.reads = true;
-  const int64_t B = x_prefill.dim(0), G = c.groups;
+  const int64_t B = a.B, G = c.groups;
   for (size_t i = 0; i < steps.size(); ++i) {
     const int64_t t = cache.length();
     layer.decode(cache, steps[i], &ins);
@@ -224,8 +230,10 @@ int bench_decode(const ShapeArgs& a) {
   for (int64_t S : S_list) {
     DecodeRow row;
     row.S = S;
-    const nsa::Tensor x_prefill =
-        nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
+    CacheFill fill{S, {}};
+    if (a.fill == "prefill") {  // --fill random draws no prefill input at all
+      fill.x = nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
+    }
     std::vector<nsa::Tensor> steps;
     for (int64_t i = 0; i < n_steps; ++i) {
       steps.push_back(
@@ -234,16 +242,15 @@ int bench_decode(const ShapeArgs& a) {
     const char* names[] = {"total", "cmp", "sel", "win"};
     for (int k = 0; k < 4; ++k) {
       progress.step(fmt::format("S={} {}", S, names[k]));
-      const std::vector<double> ms =
-          time_decode(layers[static_cast<size_t>(k)], a, x_prefill, steps);
+      const std::vector<double> ms = time_decode(layers[static_cast<size_t>(k)], a, fill, steps);
       row.ms[k] = mean(ms);
       row.median[k] = median(ms);
     }
     if (opt.device == nsa::Device::kCuda) {
-      row.ms_attn = median(time_decode(layers[0], a, x_prefill, steps, true));
+      row.ms_attn = median(time_decode(layers[0], a, fill, steps, true));
     }
     progress.step(fmt::format("S={} reads", S));
-    measure_reads(layers[0], a, c, x_prefill, steps, a.warmup, row);
+    measure_reads(layers[0], a, c, fill, steps, a.warmup, row);
     rows.push_back(row);
   }
 
