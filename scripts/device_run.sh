@@ -25,7 +25,7 @@ grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15 | 
 log "compute-sanitizer memcheck + racecheck"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*' > "$OUT/sanitizer_$tool.log" 2>&1
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
 done
 [ "$MODE" = quick ] && exit 0
@@ -33,6 +33,9 @@ done
 log "seed decode benchmark on the GPU"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
   --device cuda --csv "$OUT/decode_cuda_seed.csv" --json "$OUT/decode_cuda_seed.json" | tee -a "$OUT/summary.txt"
+log "seed decode benchmark, programmatic dependent launch off (NSA_CUDA_PDL=0), same run"
+NSA_CUDA_PDL=0 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
+  --device cuda --csv "$OUT/decode_cuda_seed_nopdl.csv" | tee -a "$OUT/summary.txt"
 
 log "paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), bf16, random-filled cache"
 for B in 1 16; do
@@ -42,3 +45,7 @@ for B in 1 16; do
 done
 log "dense attention decode (PyTorch SDPA) on the same GPU"
 PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
+[ "$MODE" = full ] || exit 0
+log "per-kernel profile, B 16, S 64k, bf16 (ncu)"
+scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
+  --iters 8 --warmup 2 --device cuda --dtype bf16 --fill random | tee -a "$OUT/summary.txt"

@@ -4,6 +4,7 @@
 // Every test skips where no CUDA device is present.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 
@@ -159,8 +160,54 @@ TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
       {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
       {8, 2, 128, 128, 1, 700, 6, DType::kF16},
       {2, 2, 32, 32, 3, 1, 40, DType::kF16},
+      {32, 2, 128, 128, 3, 300, 4, DType::kBF16},   // h = 16, B = 3
+      {16, 1, 192, 128, 1, 4990, 8, DType::kBF16},  // contexts up to 4998
+      {8, 4, 64, 64, 2, 1500, 6, DType::kF16},      // h = 2, G = 4
   };
   for (const Case& k : cases) check_case(k);
+}
+
+// Head dims without a tensor-core kernel, and groups of more than 16 heads, take the FFMA kernel
+// with 16-bit storage.
+TEST(Cuda, LowPrecisionFallbackShapesMatchCpu) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {8, 2, 48, 80, 2, 700, 6, DType::kBF16},
+      {32, 1, 64, 64, 1, 500, 4, DType::kF16},
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+// Small tensor-core cases, automatic and fixed split sizes: the compute-sanitizer run of
+// scripts/device_run.sh covers the pipelined kernel with these.
+TEST(Cuda, TensorCorePathSmall) {
+  REQUIRE_GPU();
+  for (const char* tiles : {"", "2"}) {
+    SCOPED_TRACE(fmt::format("NSA_CUDA_TILES_PER_SPLIT='{}'", tiles));
+    if (*tiles != 0) ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
+    const Case cases[] = {
+        {16, 1, 192, 128, 2, 300, 4, DType::kBF16},
+        {4, 2, 64, 64, 2, 150, 4, DType::kF16},
+    };
+    for (const Case& k : cases) check_case(k);
+    ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
+  }
+}
+
+// Splits of several tiles each (double-buffered tile pipeline, several splits per branch),
+// which the automatic plan gives only at large batches.
+TEST(Cuda, MultiTileSplitsMatchCpu) {
+  REQUIRE_GPU();
+  for (const char* tiles : {"2", "3"}) {
+    SCOPED_TRACE(fmt::format("NSA_CUDA_TILES_PER_SPLIT={}", tiles));
+    ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
+    const Case cases[] = {
+        {16, 1, 192, 128, 2, 4990, 6, DType::kBF16},
+        {8, 2, 64, 64, 2, 3000, 6, DType::kF32},
+    };
+    for (const Case& k : cases) check_case(k);
+  }
+  ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
 }
 
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {

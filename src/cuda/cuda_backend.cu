@@ -6,13 +6,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string_view>
 #include <type_traits>
 
 #include "core/blocks.h"
 #include "cuda/common/check.h"
-#include "cuda/decode/attn_mma_kernel.cuh"
+#include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/step_kernels.cuh"
 #include "nsa/backend.h"
 
@@ -67,6 +69,9 @@ double cuda_copy_bandwidth_gbs() {
 namespace {
 
 using cuda::StepParams;
+
+// Dynamic shared memory the selection kernel may use (its static arrays take ~17 KiB more).
+constexpr size_t kMaxSelectSmem = size_t{200} << 10;
 
 // Owning device buffer.
 class DeviceBuffer {
@@ -156,26 +161,37 @@ class CudaBackend final : public Backend {
 
  private:
   void reserve(CudaCache& cache, int64_t tokens) const;
-  void ensure_workspace(int64_t rows, const CudaCache& cache);
+  void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache);
   StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                     int64_t advance) const;
+  // params() after growing the workspace to what that launch needs.
+  StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
+                      int64_t advance);
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
   void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
+  // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
+  // drains (programmatic dependent launch; the kernels wait for their inputs).
+  template <typename... Params, typename... Args>
+  void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args);
 
   Config c_;
   DType dtype_;
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
+  int sms_ = 1;       // streaming multiprocessors of the device
+  bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=0 turns it off)
+  int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
-  // Workspace for up to ws_rows_ rows (grown outside graph capture only).
-  int64_t ws_rows_ = 0, ws_cap_cmp_ = 0;
+  // Workspace for up to ws_rows_ rows and ws_slots_ split partials per group (grown outside
+  // graph capture only).
+  int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_cmp_ = 0;
   DeviceBuffer x_, proj_, q_, gates_, logits_, part_m_, part_s_, part_o_, sel_blocks_, sel_count_,
-      reads_, reads_acc_, o_cmp_, o_sel_, o_win_, o_, y_;
+      reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
 
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
@@ -185,6 +201,17 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
             "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64",
             c.n_sel);
   NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  int dev = 0, major = 0;
+  NSA_CUDA_CHECK(cudaGetDevice(&dev));
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const char* pdl_env = std::getenv("NSA_CUDA_PDL");
+  pdl_ = major >= 9 && !(pdl_env != nullptr && std::string_view(pdl_env) == "0");
+  if (const char* tiles = std::getenv("NSA_CUDA_TILES_PER_SPLIT"); tiles != nullptr) {
+    tiles_per_split_ = std::atoll(tiles);
+    NSA_CHECK(tiles_per_split_ >= 1, "NSA_CUDA_TILES_PER_SPLIT: value '{}' is not valid; allowed: "
+              "an integer >= 1", tiles);
+  }
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
   // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
@@ -230,7 +257,17 @@ std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
 // Grows the cache to hold `tokens` positions per sequence, keeping its contents.
 void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   if (tokens <= cache.cap) return;
-  const int64_t cap = std::max({tokens, 2 * cache.cap, int64_t{1024}});
+  auto sel_smem = [&](int64_t cap) {
+    return cuda::select_smem_bytes(c_.heads_per_group(), cap, core::num_cmp(cap, c_.l, c_.d),
+                                   c_.l_sel);
+  };
+  // The selection kernel keeps the head-summed p_cmp and the block scores in shared memory.
+  NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,
+            "context of {} tokens per sequence exceeds the CUDA backend's limit (the selection "
+            "kernel needs {} KiB of shared memory for it, at most {} KiB are available)",
+            tokens, sel_smem(tokens) >> 10, kMaxSelectSmem >> 10);
+  int64_t cap = std::max({tokens, 2 * cache.cap, int64_t{1024}});
+  if (sel_smem(cap) > kMaxSelectSmem) cap = tokens;  // no headroom near the limit
   const int64_t cap_cmp = std::max<int64_t>(1, core::num_cmp(cap, c_.l, c_.d));
   const int64_t BG = cache.batch * c_.groups;
   auto grow = [&](DeviceBuffer& buf, int64_t old_cap, int64_t new_cap, int64_t width) {
@@ -251,32 +288,14 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   grow(cache.v_cmp, cache.cap_cmp, cap_cmp, c_.dv);
   cache.cap = cap;
   cache.cap_cmp = cap_cmp;
-  NSA_CHECK((cap_cmp + cuda::kCmpChunk - 1) / cuda::kCmpChunk <= cuda::kMaxSplits,
-            "context of {} tokens exceeds the CUDA decode kernels' limit of {} compressed tokens",
-            cap, cuda::kMaxSplits * cuda::kCmpChunk);
 }
 
-size_t attn_smem_bytes(const Config& c) {
-  const int64_t h = c.heads / c.groups;
-  return sizeof(float) *
-         static_cast<size_t>(h * c.dk + cuda::kKeyTile * (c.dk + 1) + cuda::kKeyTile * c.dv +
-                             h * cuda::kKeyTile + h * c.dv + 3 * h);
-}
-
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-  if (bytes > (48u << 10)) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
-}
-
-void CudaBackend::ensure_workspace(int64_t rows, const CudaCache& cache) {
-  if (rows <= ws_rows_ && cache.cap_cmp <= ws_cap_cmp_) return;
+// Grows the workspace to `rows` rows with `splits` split partials per (row, group).
+void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache) {
+  if (rows <= ws_rows_ && rows * splits <= ws_slots_ && cache.cap_cmp <= ws_cap_cmp_) return;
+  const int64_t slots = std::max(rows * splits, ws_slots_);
   rows = std::max(rows, ws_rows_);
   const int64_t H = c_.heads, G = c_.groups, dv = c_.dv, h = c_.heads_per_group();
-  StepParams shape = params(const_cast<CudaCache&>(cache), 1, 0, rows, false, 0);
-  const int64_t NS = cuda::n_splits_total(shape);
   auto f32 = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * sizeof(float)); };
   auto st = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * esize_); };
   x_ = st(rows * c_.dim);
@@ -284,15 +303,15 @@ void CudaBackend::ensure_workspace(int64_t rows, const CudaCache& cache) {
   q_ = st(rows * H * c_.dk);
   gates_ = f32(rows * G * 3);
   logits_ = f32(rows * H * cache.cap_cmp);
-  part_m_ = f32(rows * G * NS * h);
-  part_s_ = f32(rows * G * NS * h);
-  part_o_ = f32(rows * G * NS * h * dv);
+  part_m_ = f32(slots * G * h);
+  part_s_ = f32(slots * G * h);
+  part_o_ = f32(slots * G * h * dv);
   sel_blocks_ = DeviceBuffer(static_cast<size_t>(rows * G * c_.n_sel) * sizeof(int32_t));
   sel_count_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(int32_t));
   reads_ = DeviceBuffer(static_cast<size_t>(rows * G * 3) * sizeof(int32_t));
-  if (!reads_acc_.get()) {
-    reads_acc_ = DeviceBuffer(3 * sizeof(unsigned long long));
-    NSA_CUDA_CHECK(cudaMemset(reads_acc_.get(), 0, reads_acc_.bytes()));
+  if (!done_.get()) {
+    done_ = DeviceBuffer(sizeof(uint32_t));
+    NSA_CUDA_CHECK(cudaMemset(done_.get(), 0, done_.bytes()));
   }
   o_cmp_ = f32(rows * H * dv);
   o_sel_ = f32(rows * H * dv);
@@ -300,6 +319,7 @@ void CudaBackend::ensure_workspace(int64_t rows, const CudaCache& cache) {
   o_ = st(rows * H * dv);
   y_ = f32(rows * c_.dim);
   ws_rows_ = rows;
+  ws_slots_ = slots;
   ws_cap_cmp_ = cache.cap_cmp;
 }
 
@@ -325,8 +345,23 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.g_hid = c_.gate_hidden;
   p.cap = cache.cap;
   p.cap_cmp = cache.cap_cmp;
-  p.n_cmp_splits = (core::num_cmp(cache.cap, c_.l, c_.d) + cuda::kCmpChunk - 1) / cuda::kCmpChunk;
-  p.n_win_splits = (std::min(c_.w, cache.cap) + cuda::kWinChunk - 1) / cuda::kWinChunk;
+  // Split plan: about 4 waves of attention blocks (2 resident per SM), whole 64-key tiles per
+  // split. Planned for the length after this call; the device sizes the splits from the
+  // actual length, so a graph replayed over later steps stays correct.
+  const int64_t L = cache.length + T, tile = cuda::kTileKeys;
+  const int64_t cmp_tiles = (core::num_cmp(L, c_.l, c_.d) + tile - 1) / tile;
+  const int64_t win_tiles = (std::min(c_.w, L) + tile - 1) / tile;
+  const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
+  const int64_t target = int64_t{8} * sms_, RG = std::max<int64_t>(1, R * c_.groups);
+  int64_t per0 = std::max<int64_t>(1, ((cmp_tiles + win_tiles) * RG + target - 1) / target);
+  int64_t per1 = std::max<int64_t>(1, (sel_tiles * RG + target - 1) / target);
+  if (tiles_per_split_ > 0) per0 = per1 = tiles_per_split_;
+  auto splits = [](int64_t tiles, int64_t per) {
+    return std::clamp<int64_t>((tiles + per - 1) / per, 1, cuda::kMaxSplits);
+  };
+  p.n_cmp_splits = splits(cmp_tiles, per0);
+  p.n_win_splits = splits(win_tiles, per0);
+  p.n_sel_splits = splits(sel_tiles, per1);
   p.gate_sigmoid = c_.gate == GateKind::kSigmoid;
   p.gate_temp = static_cast<float>(c_.gate_temp);
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c_.dk)));
@@ -357,7 +392,7 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.sel_blocks = sel_blocks_.as<int32_t>();
   p.sel_count = sel_count_.as<int32_t>();
   p.reads = reads_.as<int32_t>();
-  p.reads_acc = reads_acc_.as<unsigned long long>();
+  p.done = done_.as<uint32_t>();
   p.o_cmp = o_cmp_.as<float>();
   p.o_sel = o_sel_.as<float>();
   p.o_win = o_win_.as<float>();
@@ -365,46 +400,81 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   return p;
 }
 
+StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
+                                bool compute_all, int64_t advance) {
+  ensure_workspace(R, cuda::n_splits_total(params(cache, T, row0, R, compute_all, advance)),
+                   cache);
+  return params(cache, T, row0, R, compute_all, advance);
+}
+
+template <typename... Params, typename... Args>
+void CudaBackend::launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                         Args... args) {
+  if (smem > (48u << 10)) {
+    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream_;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl_ ? 1 : 0;
+  NSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+using AttnKernel = void (*)(StepParams, int);
+
+template <typename T, int DK, int DV>
+bool pick_tc(int64_t dk, int64_t dv, AttnKernel& kernel, size_t& smem) {
+  if (dk != DK || dv != DV) return false;
+  kernel = cuda::nsa_attn_tc_kernel<T, DK, DV>;
+  smem = cuda::TcShape<DK, DV>::kSmemBytes;
+  return true;
+}
+
+// The tensor-core attention kernel for these head dims, or null (FFMA kernel instead).
+template <typename T>
+AttnKernel tc_kernel(int64_t dk, int64_t dv, size_t& smem) {
+  AttnKernel k = nullptr;
+  (void)(pick_tc<T, 32, 32>(dk, dv, k, smem) || pick_tc<T, 64, 64>(dk, dv, k, smem) ||
+         pick_tc<T, 128, 128>(dk, dv, k, smem) || pick_tc<T, 192, 128>(dk, dv, k, smem));
+  return k;
+}
+
 template <typename T>
 void CudaBackend::enqueue_kernels(const StepParams& p) {
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
-  const int64_t append_work = (p.H + 3 * p.G) * (p.dk / 2);
-  const auto append_blocks = static_cast<unsigned>(std::clamp<int64_t>(append_work / 1024, 1, 16));
-  cuda::nsa_append_kernel<T><<<dim3(R, append_blocks), 256, 0, stream_>>>(p);
-  NSA_CUDA_CHECK_LAUNCH();
-  cuda::nsa_emit_gate_kernel<T>
-      <<<dim3(R, static_cast<unsigned>(p.G)), 256,
-         sizeof(float) * static_cast<size_t>(p.dk + p.g_hid), stream_>>>(p);
-  NSA_CUDA_CHECK_LAUNCH();
+  const auto G = static_cast<unsigned>(p.G);
+  // A decode step (one token per sequence) emits inside the prepare kernel; prefill rows of one
+  // sequence are spread over blocks, so their emission runs after every row is appended.
+  const int emit_inside = p.T == 1 ? 1 : 0;
+  launch(cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(256),
+         cuda::prepare_smem_bytes(p.dk, p.g_hid), p, emit_inside);
+  if (!emit_inside) launch(cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   // Tensor cores for 16-bit storage when the group fits the MMA rows; fp32 FFMA otherwise.
-  size_t attn_smem = attn_smem_bytes(c_);
-  auto attn = cuda::nsa_attn_split_kernel<T>;
+  size_t attn_smem = cuda::ffma_smem_bytes(p.h, p.dk, p.dv);
+  AttnKernel attn = cuda::nsa_attn_split_kernel<T>;
   if constexpr (!std::is_same_v<T, float>) {
-    if (p.h <= cuda::kMmaRows && p.dk % 16 == 0 && p.dv % 16 == 0) {
-      attn = cuda::nsa_attn_split_mma_kernel<T>;
-      attn_smem = cuda::mma_smem_bytes(p.dk, p.dv);
+    size_t tc_smem = 0;
+    if (AttnKernel tc = tc_kernel<T>(p.dk, p.dv, tc_smem); tc != nullptr && p.h <= 16) {
+      attn = tc;
+      attn_smem = tc_smem;
     }
   }
-  allow_smem(attn, attn_smem);
-  const auto splits_a =
-      static_cast<unsigned>(std::max<int64_t>(1, p.n_cmp_splits + p.n_win_splits));
-  attn<<<dim3(RG, splits_a), 128, attn_smem, stream_>>>(p, 0);
-  NSA_CUDA_CHECK_LAUNCH();
-  const size_t sel_smem = sizeof(float) * static_cast<size_t>(2 * p.h + p.cap / p.l_sel + 1);
-  allow_smem(cuda::nsa_select_kernel, sel_smem);
-  cuda::nsa_select_kernel<<<RG, 256, sel_smem, stream_>>>(p);
-  NSA_CUDA_CHECK_LAUNCH();
-  attn<<<dim3(RG, static_cast<unsigned>(p.n_sel)), 128, attn_smem, stream_>>>(p, 1);
-  NSA_CUDA_CHECK_LAUNCH();
+  const auto splits0 = static_cast<unsigned>(p.n_cmp_splits + p.n_win_splits);
+  launch(attn, dim3(RG, splits0), dim3(128), attn_smem, p, 0);
+  launch(cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
+         cuda::select_smem_bytes(p.h, p.cap, p.cap_cmp, p.l_sel), p);
+  launch(attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
-  cuda::nsa_combine_kernel<T>
-      <<<dim3(R, static_cast<unsigned>(p.H)), combine_threads, 0, stream_>>>(p);
-  NSA_CUDA_CHECK_LAUNCH();
-  if (p.len_out != nullptr) {  // after every kernel of the step has read the length
-    cuda::nsa_advance_kernel<<<1, 1, 0, stream_>>>(p.len_out, p.advance);
-    NSA_CUDA_CHECK_LAUNCH();
-  }
+  launch(cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)), dim3(combine_threads),
+         0, p);
 }
 
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
@@ -447,17 +517,19 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   reserve(cache, cache.length + T);
   const bool all = inspect != nullptr && inspect->want.any();
   // Rows per launch: bounded so the per-row workspace (cmp logits, split partials) stays modest.
-  StepParams shape = params(cache, T, 0, 1, all, 0);
-  const int64_t per_row =
-      (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
-      P_ * 4 + c_.dim * 8;
-  const int64_t chunk =
-      std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, std::min<int64_t>(rows, 4096));
-  ensure_workspace(chunk, cache);
+  // Fewer rows get more splits each, so settle the two together.
+  int64_t chunk = std::min<int64_t>(rows, 4096);
+  for (int pass = 0; pass < 3; ++pass) {
+    const StepParams shape = params(cache, T, 0, chunk, all, 0);
+    const int64_t per_row =
+        (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
+        P_ * 4 + c_.dim * 8;
+    chunk = std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, chunk);
+  }
   const auto xs = to_storage(x, rows * c_.dim, dtype_);
   for (int64_t row0 = 0; row0 < rows; row0 += chunk) {
     const int64_t R = std::min(chunk, rows - row0);
-    const StepParams p = params(cache, T, row0, R, all, row0 + R == rows ? T : 0);
+    const StepParams p = prepared(cache, T, row0, R, all, row0 + R == rows ? T : 0);
     NSA_CUDA_CHECK(
         cudaMemcpyAsync(x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
                         static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
@@ -521,12 +593,11 @@ void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
     NSA_CUDA_CHECK_LAUNCH();
   }
   // Emit the compressed tokens of the new positions with the regular kernel (rows = B * S).
-  ensure_workspace(1, cache);
-  StepParams p = params(cache, S, 0, cache.batch * S, false, 0);
+  StepParams p = prepared(cache, S, 0, cache.batch * S, false, 0);
   p.gates = nullptr;  // emission only: these rows have no queries
-  auto emit = dtype_ == DType::kF32    ? cuda::nsa_emit_gate_kernel<float>
-              : dtype_ == DType::kBF16 ? cuda::nsa_emit_gate_kernel<__nv_bfloat16>
-                                       : cuda::nsa_emit_gate_kernel<__half>;
+  auto emit = dtype_ == DType::kF32    ? cuda::nsa_emit_kernel<float>
+              : dtype_ == DType::kBF16 ? cuda::nsa_emit_kernel<__nv_bfloat16>
+                                       : cuda::nsa_emit_kernel<__half>;
   emit<<<dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), 128, 0,
          stream_>>>(p);
   NSA_CUDA_CHECK_LAUNCH();
@@ -542,7 +613,6 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, n = static_cast<int64_t>(xs.size());
   reserve(cache, cache.length + n);
-  ensure_workspace(B, cache);
   std::vector<uint8_t> host;
   for (const float* x : xs) {
     const auto s = to_storage(x, B * c_.dim, dtype_);
@@ -550,7 +620,7 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   }
   DeviceBuffer pool(host.size());
   NSA_CUDA_CHECK(cudaMemcpy(pool.get(), host.data(), host.size(), cudaMemcpyHostToDevice));
-  const StepParams p = params(cache, 1, 0, B, false, 1);
+  const StepParams p = prepared(cache, 1, 0, B, false, 1);
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   NSA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));

@@ -38,6 +38,21 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// Programmatic dependent launch (Hopper): a kernel lets the next one in the stream start its
+// blocks early (launch_dependents) and waits for its predecessor's results (wait) before it
+// touches them. Both are no-ops on older GPUs and without the launch attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ int64_t num_cmp(int64_t L, int64_t l, int64_t d) {
   return L < l ? 0 : (L - l) / d + 1;
 }

@@ -34,93 +34,109 @@ __device__ __forceinline__ bool branch_needed(const StepParams& p, const float* 
   return gate[branch] != 0.f;
 }
 
-// --- 1. RoPE and cache append (grid: rows x chunks of the row's work) -------------------------
+// --- 1. RoPE, cache append, emission and the gate, per (row, group) --------------------------
+// Compressed-token emission of row r reads the raw cmp keys of positions L-l .. L-1. In a decode
+// step (T = 1) this block wrote position t itself, so it emits too (emit = 1); a prefill launch
+// has other rows of the same sequence in other blocks and runs nsa_emit_kernel afterwards.
 template <typename T>
-__global__ void nsa_append_kernel(StepParams p) {
+__device__ __forceinline__ void emit_compressed(const StepParams& p, const RowInfo& ri,
+                                                int64_t g) {
+  if (ri.L < p.l || (ri.L - p.l) % p.d != 0) return;
+  const int64_t i = (ri.L - p.l) / p.d;
+  for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
+    const bool key = e < p.dk;
+    const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
+    const T* raw =
+        static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) + cache_at(p, ri.b, g, 0, width, p.cap);
+    float s = 0.f;
+#pragma unroll 8
+    for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
+    T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
+    out[col] = from_f32<T>(s / static_cast<float>(p.l));
+  }
+}
+
+template <typename T>
+__global__ void nsa_prepare_kernel(StepParams p, int emit) {
+  extern __shared__ double rope_smem[];  // cos[dk/2], sin[dk/2] (double), then u[dk], hid[g_hid]
+  pdl_wait();
+  pdl_launch_dependents();
   const RowInfo ri = row_info(p, blockIdx.x);
-  const float* pr = p.proj + ri.r * p.P;
-  T* q = static_cast<T*>(p.q) + ri.r * p.H * p.dk;
-  const int half = static_cast<int>(p.dk / 2);
-  const int first = blockIdx.y * blockDim.x + threadIdx.x;
-  const int stride = gridDim.y * blockDim.x;
-  // Rotate (q heads, then the three keys) pair by pair; angles in double (positions reach 1e5).
-  const int n_pairs = static_cast<int>((p.H + 3 * p.G) * half);
-  for (int i = first; i < n_pairs; i += stride) {
-    const int vec = i / half, j = i % half;
+  const int64_t g = blockIdx.y;
+  const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
+  const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
+  double* cs = rope_smem;
+  double* sn = cs + half;
+  float* u = reinterpret_cast<float*>(sn + half);
+  float* hid = u + dk;
+  // Angles in double (positions reach 1e5), once per frequency.
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
     const double a = static_cast<double>(ri.t) *
                      pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
-    double sn, cs;
-    sincos(a, &sn, &cs);
+    sincos(a, &sn[j], &cs[j]);
+  }
+  __syncthreads();
+  const float* pr = p.proj + ri.r * p.P;
+  T* q = static_cast<T*>(p.q) + (ri.r * p.H + g * h) * p.dk;
+  // Rotate the group's h query heads, then its three keys (cmp, sel, win), pair by pair.
+  for (int i = threadIdx.x; i < (h + 3) * half; i += blockDim.x) {
+    const int vec = i / half, j = i % half;
     const float* src;
     T* dst;
-    if (vec < p.H) {
-      src = pr + vec * p.dk;
+    if (vec < h) {
+      src = pr + (g * h + vec) * p.dk;
       dst = q + vec * p.dk;
     } else {
-      const int64_t kv = (vec - p.H) / p.G, g = (vec - p.H) % p.G;  // kv: 0 cmp, 1 sel, 2 win
-      src = pr + p.H * p.dk + kv * p.G * (p.dk + p.dv) + g * p.dk;
+      const int64_t kv = vec - h;  // 0 cmp, 1 sel, 2 win
+      src = pr + p.H * p.dk + kv * G * (p.dk + p.dv) + g * p.dk;
       void* base = kv == 0 ? p.k_cmp_raw : kv == 1 ? p.k_sel : p.k_win;
       dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap);
     }
     const double x0 = src[2 * j], x1 = src[2 * j + 1];
-    dst[2 * j] = from_f32<T>(static_cast<float>(x0 * cs - x1 * sn));
-    dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn + x1 * cs));
+    dst[2 * j] = from_f32<T>(static_cast<float>(x0 * cs[j] - x1 * sn[j]));
+    dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn[j] + x1 * cs[j]));
   }
-  const int G = static_cast<int>(p.G), dv = static_cast<int>(p.dv);
-  const int n_vals = 3 * G * dv;
-  for (int i = first; i < n_vals; i += stride) {
-    const int kv = i / (G * dv), g = (i / dv) % G, e = i % dv;
-    const float v = pr[p.H * p.dk + kv * p.G * (p.dk + p.dv) + p.G * p.dk + g * p.dv + e];
+  for (int i = threadIdx.x; i < 3 * dv; i += blockDim.x) {
+    const int kv = i / dv, e = i % dv;
+    const float v = pr[p.H * p.dk + kv * G * (p.dk + p.dv) + G * p.dk + g * p.dv + e];
     void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
     static_cast<T*>(base)[cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e] = from_f32<T>(v);
   }
-}
-
-// --- 2. Compressed-token emission and the gate, per (row, group) ------------------------------
-template <typename T>
-__global__ void nsa_emit_gate_kernel(StepParams p) {
-  extern __shared__ float smem[];  // u[dk], hid[g_hid]
-  const RowInfo ri = row_info(p, blockIdx.x);
-  const int64_t g = blockIdx.y;
-  if (ri.L >= p.l && (ri.L - p.l) % p.d == 0) {
-    const int64_t i = (ri.L - p.l) / p.d;
-    for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
-      const bool key = e < p.dk;
-      const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
-      const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) +
-                     cache_at(p, ri.b, g, 0, width, p.cap);
-      float s = 0.f;
-#pragma unroll 8
-      for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
-      T* out = static_cast<T*>(key ? p.k_cmp : p.v_cmp) + cache_at(p, ri.b, g, i, width, p.cap_cmp);
-      out[col] = from_f32<T>(s / static_cast<float>(p.l));
-    }
-  }
-  if (p.gates == nullptr) return;  // cache filling: no queries
-  // Gate from the mean of the group's rotated queries (SPEC section 2, step 4).
-  const T* q = static_cast<const T*>(p.q) + (ri.r * p.H + g * p.h) * p.dk;
-  float* u = smem;
-  float* hid = smem + p.dk;
-  for (int64_t e = threadIdx.x; e < p.dk; e += blockDim.x) {
+  __syncthreads();  // this block's cache and query writes are visible to its threads below
+  if (emit) emit_compressed<T>(p, ri, g);
+  // Gate from the mean of the group's rotated queries, as stored (SPEC section 2, step 4).
+  for (int e = threadIdx.x; e < dk; e += blockDim.x) {
     float s = 0.f;
-    for (int64_t j = 0; j < p.h; ++j) s += to_f32(q[j * p.dk + e]);
-    u[e] = s / static_cast<float>(p.h);
+#pragma unroll 8
+    for (int j = 0; j < h; ++j) s += to_f32(q[j * dk + e]);
+    u[e] = s / static_cast<float>(h);
   }
   __syncthreads();
-  // One warp per output unit; lanes split the dot product (coalesced weight rows).
+  // One warp per hidden unit, four units in flight per warp; lanes split the dot product.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  for (int64_t i = warp; i < p.g_hid; i += n_warps) {
-    float a = 0.f;
-    for (int64_t e = lane; e < p.dk; e += 32) a += p.fc1_w[i * p.dk + e] * u[e];
-    for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
-    a += p.fc1_b[i];
-    if (lane == 0) hid[i] = a / (1.f + expf(-a));
+  const int g_hid = static_cast<int>(p.g_hid);
+  for (int i0 = 4 * warp; i0 < g_hid; i0 += 4 * n_warps) {
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int e = lane; e < dk; e += 32) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (i0 + k < g_hid) a[k] += p.fc1_w[(i0 + k) * p.dk + e] * u[e];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      for (int off = 16; off > 0; off /= 2) a[k] += __shfl_xor_sync(0xffffffffu, a[k], off);
+      if (lane == 0 && i0 + k < g_hid) {
+        const float z = a[k] + p.fc1_b[i0 + k];
+        hid[i0 + k] = z / (1.f + expf(-z));
+      }
+    }
   }
   __syncthreads();
   __shared__ float z[3];
-  for (int64_t k = warp; k < 3; k += n_warps) {
+  for (int k = warp; k < 3; k += n_warps) {
     float a = 0.f;
-    for (int64_t i = lane; i < p.g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[i];
+    for (int i = lane; i < g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[i];
     for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
     if (lane == 0) z[k] = a + p.fc2_b[k];
   }
@@ -138,70 +154,100 @@ __global__ void nsa_emit_gate_kernel(StepParams p) {
   }
 }
 
+// Shared-memory bytes of nsa_prepare_kernel.
+inline size_t prepare_smem_bytes(int64_t dk, int64_t g_hid) {
+  return static_cast<size_t>(dk) * sizeof(double) + static_cast<size_t>(dk + g_hid) * sizeof(float);
+}
+
+// Emission only, per (row, group): prefill launches and cache filling.
+template <typename T>
+__global__ void nsa_emit_kernel(StepParams p) {
+  pdl_wait();
+  pdl_launch_dependents();
+  emit_compressed<T>(p, row_info(p, blockIdx.x), blockIdx.y);
+}
+
 // --- 3. Split attention: one (row, group, key range) per block, all h heads at once ------------
-// phase 0: splits [0, n_cmp_splits) are compressed attention (logits kept for scoring), then
-// n_win_splits window splits. phase 1: n_sel splits, one per selected block.
-// The key range [start, end) of one attention split and where its keys live. Returns false when
-// the split has no keys or its branch is gated off.
+// phase 0: n_cmp_splits compressed splits (logits kept for scoring), then n_win_splits window
+// splits. phase 1: n_sel_splits splits over the selected blocks' tokens. Every branch is a
+// sequence of keys ("virtual" indices 0 .. n-1) mapped to cache positions by key_pos.
 struct Split {
-  int64_t rg, r, g, index, start, end;
+  int64_t rg, r, g, index;  // index: slot of this split in the partial arrays
+  int64_t start, n;         // this split's virtual keys [start, start + n)
+  int64_t base;             // cache position of virtual key 0 (cmp and window)
+  const int32_t* blocks;    // sel: sorted selected blocks (virtual key j is in blocks[j / l_sel])
+  int32_t l_sel;
   int branch;  // 0 cmp, 1 sel, 2 win
   const void* K;
-  const void* V;
+  const void* V;  // keys and values of (b, g) at position 0
 };
 
+__device__ __forceinline__ int64_t key_pos(const Split& sp, int64_t j) {
+  if (sp.blocks == nullptr) return sp.base + j;
+  const int32_t jj = static_cast<int32_t>(j);
+  return static_cast<int64_t>(sp.blocks[jj / sp.l_sel]) * sp.l_sel + jj % sp.l_sel;
+}
+
+// Fills sp for this block. Returns false when the split has no keys or its branch is gated off.
 template <typename T>
 __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Split& sp) {
   sp.rg = blockIdx.x;
   sp.r = sp.rg / p.G;
   sp.g = sp.rg % p.G;
   const RowInfo ri = row_info(p, sp.r);
-  sp.index = blockIdx.y;
-  sp.start = sp.end = 0;
-  const T* K;
-  const T* V;
+  int64_t s = blockIdx.y, total = 0, splits = 1;
+  sp.base = 0;
+  sp.blocks = nullptr;
+  sp.l_sel = static_cast<int32_t>(p.l_sel);
+  const void* K;
+  const void* V;
   int64_t cap = p.cap;
-  if (phase == 0 && sp.index < p.n_cmp_splits) {
+  if (phase == 0 && s < p.n_cmp_splits) {
     sp.branch = 0;
-    sp.start = sp.index * kCmpChunk;
-    sp.end = min(sp.start + kCmpChunk, num_cmp(ri.L, p.l, p.d));
-    K = static_cast<const T*>(p.k_cmp);
-    V = static_cast<const T*>(p.v_cmp);
+    sp.index = s;
+    total = num_cmp(ri.L, p.l, p.d);
+    splits = p.n_cmp_splits;
+    K = p.k_cmp;
+    V = p.v_cmp;
     cap = p.cap_cmp;
   } else if (phase == 0) {
     sp.branch = 2;
-    const int64_t ws = max(int64_t{0}, ri.t - p.w + 1);
-    sp.start = ws + (sp.index - p.n_cmp_splits) * kWinChunk;
-    sp.end = p.w > 0 ? min(sp.start + kWinChunk, ri.L) : 0;
-    K = static_cast<const T*>(p.k_win);
-    V = static_cast<const T*>(p.v_win);
+    sp.index = s;
+    s -= p.n_cmp_splits;
+    sp.base = max(int64_t{0}, ri.t - p.w + 1);
+    total = p.w > 0 ? ri.L - sp.base : 0;
+    splits = p.n_win_splits;
+    K = p.k_win;
+    V = p.v_win;
   } else {
     sp.branch = 1;
-    const int32_t blk = p.sel_blocks[sp.rg * p.n_sel + sp.index];
-    if (blk >= 0) {
-      sp.start = static_cast<int64_t>(blk) * p.l_sel;
-      sp.end = min(sp.start + p.l_sel, ri.L);
-    }
-    sp.index += p.n_cmp_splits + p.n_win_splits;
-    K = static_cast<const T*>(p.k_sel);
-    V = static_cast<const T*>(p.v_sel);
+    sp.index = p.n_cmp_splits + p.n_win_splits + s;
+    sp.blocks = p.sel_blocks + sp.rg * p.n_sel;
+    total = p.reads[sp.rg * 3 + 1];  // tokens of the selected blocks
+    splits = p.n_sel_splits;
+    K = p.k_sel;
+    V = p.v_sel;
   }
-  if (sp.start >= sp.end || !branch_needed(p, p.gates + sp.rg * 3, sp.branch)) return false;
-  sp.K = K + cache_at(p, ri.b, sp.g, 0, p.dk, cap);
-  sp.V = V + cache_at(p, ri.b, sp.g, 0, p.dv, cap);
+  const int64_t chunk = split_chunk(total, splits);
+  sp.start = s * chunk;
+  sp.n = min(chunk, total - sp.start);
+  if (sp.n <= 0 || !branch_needed(p, p.gates + sp.rg * 3, sp.branch)) return false;
+  sp.K = static_cast<const T*>(K) + cache_at(p, ri.b, sp.g, 0, p.dk, cap);
+  sp.V = static_cast<const T*>(V) + cache_at(p, ri.b, sp.g, 0, p.dv, cap);
   return true;
 }
 
-// Reads src[0, n) as f32 with kStage loads per thread in flight, then hands each to store(i, v).
-template <typename T, typename Store>
-__device__ __forceinline__ void stage_load(const T* src, int n, Store store) {
+// Reads n values as f32 through load(i) with kStage loads per thread in flight, then hands each
+// to store(i, v).
+template <typename Load, typename Store>
+__device__ __forceinline__ void stage_load(int n, Load load, Store store) {
   constexpr int kStage = 8;
   for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
     float r[kStage];
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int i = base + u * blockDim.x;
-      r[u] = i < n ? to_f32(src[i]) : 0.f;
+      r[u] = i < n ? load(i) : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
@@ -211,23 +257,38 @@ __device__ __forceinline__ void stage_load(const T* src, int n, Store store) {
   }
 }
 
-// FFMA split attention (fp32 storage, or head groups the MMA path does not take). Tiles of
-// kKeyTile keys; 32-bit indices inside the block; one warp per head for the online softmax.
+// Writes a split's partial result: running max m (natural log), sum s and unnormalised output o.
+__device__ __forceinline__ void store_partial(const StepParams& p, const Split& sp, int64_t head,
+                                              float m, float s) {
+  const int64_t at = (sp.rg * n_splits_total(p) + sp.index) * p.h + head;
+  p.part_m[at] = m;
+  p.part_s[at] = s;
+}
+
+__device__ __forceinline__ float* partial_out(const StepParams& p, const Split& sp) {
+  return p.part_o + (sp.rg * n_splits_total(p) + sp.index) * p.h * p.dv;
+}
+
+// FFMA split attention: fp32 storage, and the shapes the tensor-core kernel does not take.
+// Tiles of kTileKeys keys; one warp per head for the online softmax.
 template <typename T>
 __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
   extern __shared__ float smem[];
+  pdl_wait();
+  pdl_launch_dependents();
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
+  constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int kst = dk + 1;
-  float* qs = smem;                 // [h][dk], pre-scaled
-  float* ks = qs + h * dk;          // [kKeyTile][dk + 1]
-  float* vs = ks + kKeyTile * kst;  // [kKeyTile][dv]
-  float* lg = vs + kKeyTile * dv;   // [h][kKeyTile]
-  float* acc = lg + h * kKeyTile;   // [h][dv]
-  float* m = acc + h * dv;          // [h]
-  float* s = m + h;                 // [h]
-  float* corr = s + h;              // [h]
+  float* qs = smem;              // [h][dk], pre-scaled
+  float* ks = qs + h * dk;       // [kTile][dk + 1]
+  float* vs = ks + kTile * kst;  // [kTile][dv]
+  float* lg = vs + kTile * dv;   // [h][kTile]
+  float* acc = lg + h * kTile;   // [h][dv]
+  float* m = acc + h * dv;       // [h]
+  float* s = m + h;              // [h]
+  float* corr = s + h;           // [h]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * p.h) * p.dk;
   for (int i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
@@ -237,37 +298,40 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
     s[i] = 0.f;
   }
   float* logits_out = sp.branch == 0 ? p.cmp_logits + sp.rg * p.h * p.cap_cmp : nullptr;
-  for (int64_t k0 = sp.start; k0 < sp.end; k0 += kKeyTile) {
-    const int nk = static_cast<int>(min(static_cast<int64_t>(kKeyTile), sp.end - k0));
-    const T* K = static_cast<const T*>(sp.K) + k0 * p.dk;
-    const T* V = static_cast<const T*>(sp.V) + k0 * p.dv;
+  const T* K = static_cast<const T*>(sp.K);
+  const T* V = static_cast<const T*>(sp.V);
+  for (int64_t j0 = sp.start; j0 < sp.start + sp.n; j0 += kTile) {
+    const int nk = static_cast<int>(min(kTileKeys, sp.start + sp.n - j0));
     __syncthreads();
-    stage_load(K, nk * dk, [&](int i, float v) { ks[(i / dk) * kst + i % dk] = v; });
-    stage_load(V, nk * dv, [&](int i, float v) { vs[i] = v; });
+    stage_load(
+        nk * dk, [&](int i) { return to_f32(K[key_pos(sp, j0 + i / dk) * dk + i % dk]); },
+        [&](int i, float v) { ks[(i / dk) * kst + i % dk] = v; });
+    stage_load(
+        nk * dv, [&](int i) { return to_f32(V[key_pos(sp, j0 + i / dv) * dv + i % dv]); },
+        [&](int i, float v) { vs[i] = v; });
     __syncthreads();
-    for (int i = threadIdx.x; i < h * kKeyTile; i += blockDim.x) {
-      const int hh = i / kKeyTile, j = i % kKeyTile;
+    for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
+      const int hh = i / kTile, j = i % kTile;
       float a = -FLT_MAX;
       if (j < nk) {
         const float* qq = qs + hh * dk;
         const float* kk = ks + j * kst;
         a = 0.f;
         for (int e = 0; e < dk; ++e) a += qq[e] * kk[e];
-        if (logits_out) logits_out[hh * p.cap_cmp + k0 + j] = a;
+        if (logits_out) logits_out[hh * p.cap_cmp + j0 + j] = a;
       }
       lg[i] = a;
     }
     __syncthreads();
     for (int hh = warp; hh < h; hh += n_warps) {
-      float x[kKeyTile / 32], mt = m[hh];
-      for (int k = 0; k < kKeyTile / 32; ++k)
-        mt = fmaxf(mt, x[k] = lg[hh * kKeyTile + lane + 32 * k]);
+      float x[kTile / 32], mt = m[hh];
+      for (int k = 0; k < kTile / 32; ++k) mt = fmaxf(mt, x[k] = lg[hh * kTile + lane + 32 * k]);
       for (int off = 16; off > 0; off /= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
       float sum = 0.f;
-      for (int k = 0; k < kKeyTile / 32; ++k) {
+      for (int k = 0; k < kTile / 32; ++k) {
         const int j = lane + 32 * k;
         const float e = j < nk ? expf(x[k] - mt) : 0.f;
-        lg[hh * kKeyTile + j] = e;
+        lg[hh * kTile + j] = e;
         sum += e;
       }
       for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -281,48 +345,113 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
     __syncthreads();
     for (int i = threadIdx.x; i < h * dv; i += blockDim.x) {
       const int hh = i / dv, e = i % dv;
-      const float* pr = lg + hh * kKeyTile;
+      const float* pr = lg + hh * kTile;
       float a = acc[i] * corr[hh];
       for (int j = 0; j < nk; ++j) a += pr[j] * vs[j * dv + e];
       acc[i] = a;
     }
   }
   __syncthreads();
-  const int64_t base = (sp.rg * n_splits_total(p) + sp.index) * p.h;
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    p.part_m[base + i] = m[i];
-    p.part_s[base + i] = s[i];
+  for (int i = threadIdx.x; i < h; i += blockDim.x) store_partial(p, sp, i, m[i], s[i]);
+  float* out = partial_out(p, sp);
+  for (int i = threadIdx.x; i < h * dv; i += blockDim.x) out[i] = acc[i];
+}
+
+// Shared-memory bytes of nsa_attn_split_kernel.
+inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
+  return sizeof(float) * static_cast<size_t>(h * dk + kTileKeys * (dk + 1) + kTileKeys * dv +
+                                             h * kTileKeys + h * dv + 3 * h);
+}
+
+// --- 4. Block scores, top-n selection, reads, per (row, group) ------------------------------
+// Candidates are ranked by a 64-bit key: the score's bits (scores are >= 0, so their bit
+// patterns order like the values) above the complemented block index (lower index wins ties);
+// 0 marks "not a candidate".
+__device__ __forceinline__ unsigned long long rank_key(float score, int64_t j) {
+  if (!(score >= 0.f)) return 0ull;
+  return (static_cast<unsigned long long>(__float_as_uint(score)) << 32) |
+         (0xffffffffull - static_cast<unsigned long long>(j));
+}
+
+__device__ __forceinline__ int64_t key_block(unsigned long long key) {
+  return static_cast<int64_t>(0xffffffffull - (key & 0xffffffffull));
+}
+
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+  for (int off = 16; off > 0; off /= 2) {
+    const unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
   }
-  for (int i = threadIdx.x; i < h * dv; i += blockDim.x) p.part_o[base * p.dv + i] = acc[i];
+  return v;
 }
 
-// --- 4. cmp/win combine, block scores, top-n selection, reads -------------------------------
-__device__ __forceinline__ bool better(float va, int64_t ja, float vb, int64_t jb) {
-  return va > vb || (va == vb && ja < jb);
+// Top `take` keys of key(j) for j in [0, n), by `take` rounds of warp argmax (one warp): each
+// lane keeps its best key, the winner removes it (drop(j)) and rescans. Appends to out.
+template <typename Key, typename Drop>
+__device__ __forceinline__ int warp_top(int64_t n, int64_t take, Key key, Drop drop,
+                                        unsigned long long* out) {
+  const int lane = threadIdx.x % 32;
+  auto scan = [&]() {
+    unsigned long long b = 0;
+    for (int64_t j = lane; j < n; j += 32) {
+      const unsigned long long k = key(j);
+      b = k > b ? k : b;
+    }
+    return b;
+  };
+  unsigned long long mine = scan();
+  int found = 0;
+  for (int64_t it = 0; it < take; ++it) {
+    const unsigned long long best = warp_max(mine);
+    if (best == 0) break;
+    if (lane == 0) out[found] = best;
+    ++found;
+    if (mine == best) {
+      drop(best);
+      mine = scan();
+    }
+    __syncwarp();
+  }
+  return found;
 }
 
-__global__ void nsa_select_kernel(StepParams p) {
-  extern __shared__ float smem[];  // M[h], S[h], score[cap / l_sel + 1]
-  __shared__ float red_v[32];
-  __shared__ int64_t red_j[32];
-  __shared__ int64_t chosen[64];
-  __shared__ int64_t n_chosen;
+constexpr int kSelectThreads = 1024;
+
+__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
+  extern __shared__ float smem[];  // M[h], 1/S[h], p_cmp summed over heads [cap_cmp], score[nb]
+  __shared__ unsigned long long cand[32 * 64];
+  __shared__ int cand_n[32];
+  __shared__ unsigned long long chosen[64];
+  __shared__ int n_chosen;
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
-  const bool need_scores = branch_needed(p, gate, 0);
   const bool need_sel = p.compute_all || gate[1] != 0.f;
   const int64_t h = p.h;
-  float* M = smem;
-  float* S = M + h;
-  float* score = S + h;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
-  const int64_t ns_cmp = need_scores ? (n_cmp + kCmpChunk - 1) / kCmpChunk : 0;
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
-
+  int32_t* blocks = p.sel_blocks + rg * p.n_sel;
+  int32_t* rd = p.reads + rg * 3;
+  if (!need_sel) {
+    for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
+    if (threadIdx.x == 0) {
+      p.sel_count[rg] = 0;
+      rd[0] = static_cast<int32_t>(n_cmp);
+      rd[1] = 0;
+      rd[2] = static_cast<int32_t>(n_win);
+    }
+    return;
+  }
+  float* M = smem;
+  float* invS = M + h;
+  float* pc = invS + h;
+  float* score = pc + p.cap_cmp;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   {  // one warp per head: max and sum over the compressed splits
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     const int64_t NS = n_splits_total(p);
+    const int64_t ns_cmp = splits_used(n_cmp, p.n_cmp_splits);
     for (int64_t hh = warp; hh < h; hh += n_warps) {
       const float* pm = p.part_m + rg * NS * h + hh;
       const float* pss = p.part_s + rg * NS * h + hh;
@@ -334,45 +463,32 @@ __global__ void nsa_select_kernel(StepParams p) {
       for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       if (lane == 0) {
         M[hh] = mx;
-        S[hh] = sum;
+        invS[hh] = 1.f / sum;
       }
     }
   }
   __syncthreads();
-  int32_t* blocks = p.sel_blocks + rg * p.n_sel;
-  if (!need_sel) {
-    for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
-    if (threadIdx.x == 0) {
-      p.sel_count[rg] = 0;
-      int32_t* rd = p.reads + rg * 3;
-      rd[0] = static_cast<int32_t>(n_cmp);
-      rd[1] = 0;
-      rd[2] = static_cast<int32_t>(n_win);
-    }
-    return;
-  }
-  // Group score of each complete block. The overlap weights do not depend on the head, so first
-  // sum p_cmp over the heads (in place, over head 0's logits), then spread it over the blocks.
-  const int64_t nb = ri.L / p.l_sel;
-  float* logits = p.cmp_logits + rg * h * p.cap_cmp;
+  // p_cmp summed over the group's heads (the overlap weights do not depend on the head).
+  const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
   for (int64_t i = threadIdx.x; i < n_cmp; i += blockDim.x) {
     float ps = 0.f;
-    for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) / S[hh];
-    logits[i] = ps;
+#pragma unroll 8
+    for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
+    pc[i] = ps;
   }
   __syncthreads();
+  // Group score of each complete block.
+  const int64_t nb = ri.L / p.l_sel;
   for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
     const int64_t lo_num = j * p.l_sel - p.l + 1;
     const int64_t i_lo = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
     const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
     float sc = 0.f;
     for (int64_t i = i_lo; i <= i_hi; ++i) {
-      sc += logits[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) /
-            static_cast<float>(p.l);
+      sc += pc[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
     }
     score[j] = sc;
   }
-  __syncthreads();
   const int64_t cur = ri.t / p.l_sel;
   int64_t forced[3], nf = 0;
   const int64_t cand_forced[3] = {0, cur, cur - 1};
@@ -383,53 +499,43 @@ __global__ void nsa_select_kernel(StepParams p) {
   }
   int64_t forced_complete = 0;
   for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
+  __syncthreads();
   if (threadIdx.x == 0) {
     for (int64_t k = 0; k < nf; ++k)
       if (forced[k] < nb) score[forced[k]] = -1.f;  // scores are >= 0: -1 marks "not a candidate"
+  }
+  __syncthreads();
+  // Top-n: each warp takes the best of its slice of the blocks, warp 0 the best of those.
+  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+  if (take > 0) {
+    const int64_t per = (nb + n_warps - 1) / n_warps, lo = warp * per;
+    const int64_t n_mine = max(int64_t{0}, min(per, nb - lo));
+    const int found = warp_top(
+        n_mine, take, [&](int64_t j) { return rank_key(score[lo + j], lo + j); },
+        [&](unsigned long long key) { score[key_block(key)] = -1.f; }, cand + warp * 64);
+    if (lane == 0) cand_n[warp] = found;
+    __syncthreads();
+    if (warp == 0) {
+      const int found_all = warp_top(
+          n_warps * 64, take,
+          [&](int64_t k) { return k % 64 < cand_n[k / 64] ? cand[k] : 0ull; },
+          [&](unsigned long long key) {
+            const int64_t j = key_block(key), w = j / per;  // drop it from its warp's list
+            for (int k = 0; k < cand_n[w]; ++k)
+              if (cand[w * 64 + k] == key) cand[w * 64 + k] = 0ull;
+          },
+          chosen);
+      if (lane == 0) n_chosen = found_all;
+    }
+  } else if (threadIdx.x == 0) {
     n_chosen = 0;
   }
   __syncthreads();
-  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = (blockDim.x + 31) / 32;
-  for (int64_t it = 0; it < take; ++it) {
-    float bv = -2.f;
-    int64_t bj = INT64_MAX;
-    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
-      if (score[j] >= 0.f && better(score[j], j, bv, bj)) {
-        bv = score[j];
-        bj = j;
-      }
-    }
-    for (int off = 16; off > 0; off /= 2) {
-      const float ov = __shfl_down_sync(0xffffffffu, bv, off);
-      const int64_t oj = __shfl_down_sync(0xffffffffu, bj, off);
-      if (better(ov, oj, bv, bj)) {
-        bv = ov;
-        bj = oj;
-      }
-    }
-    if (lane == 0) {
-      red_v[warp] = bv;
-      red_j[warp] = bj;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int k = 1; k < n_warps; ++k) {
-        if (better(red_v[k], red_j[k], bv, bj)) {
-          bv = red_v[k];
-          bj = red_j[k];
-        }
-      }
-      chosen[n_chosen++] = bj;
-      score[bj] = -1.f;
-    }
-    __syncthreads();
-  }
   if (threadIdx.x == 0) {
     int64_t all[67];
     int64_t n = 0;
     for (int64_t k = 0; k < nf; ++k) all[n++] = forced[k];
-    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = chosen[k];
+    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = key_block(chosen[k]);
     for (int64_t a = 1; a < n; ++a) {  // insertion sort, n <= n_sel
       const int64_t v = all[a];
       int64_t b = a - 1;
@@ -442,30 +548,34 @@ __global__ void nsa_select_kernel(StepParams p) {
       if (k < n) tokens += min((all[k] + 1) * p.l_sel, ri.L) - all[k] * p.l_sel;
     }
     p.sel_count[rg] = static_cast<int32_t>(n);
-    int32_t* rd = p.reads + rg * 3;
     rd[0] = static_cast<int32_t>(n_cmp);
     rd[1] = static_cast<int32_t>(tokens);
     rd[2] = static_cast<int32_t>(n_win);
-    atomicAdd(p.reads_acc + 0, static_cast<unsigned long long>(n_cmp));
-    atomicAdd(p.reads_acc + 1, static_cast<unsigned long long>(tokens));
-    atomicAdd(p.reads_acc + 2, static_cast<unsigned long long>(n_win));
   }
 }
 
-// --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
-constexpr int kMaxSplits = 256;  // per branch; checked on the host
+// Shared-memory bytes of nsa_select_kernel.
+inline size_t select_smem_bytes(int64_t h, int64_t cap, int64_t cap_cmp, int64_t l_sel) {
+  return sizeof(float) * static_cast<size_t>(2 * h + cap_cmp + cap / l_sel + 1);
+}
 
+// --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
+// The block that finishes last advances the device length by p.advance: every block has read
+// the length by then, and nothing later in the step reads it.
 template <typename T>
 __global__ void nsa_combine_kernel(StepParams p) {
   __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
   const int64_t first[3] = {0, p.n_cmp_splits + p.n_win_splits, p.n_cmp_splits};
-  int64_t count[3] = {(n_cmp + kCmpChunk - 1) / kCmpChunk, p.sel_count[rg],
-                      (n_win + kWinChunk - 1) / kWinChunk};
+  int64_t count[3] = {splits_used(n_cmp, p.n_cmp_splits),
+                      splits_used(p.reads[rg * 3 + 1], p.n_sel_splits),
+                      splits_used(n_win, p.n_win_splits)};
   for (int k = 0; k < 3; ++k) {
     if (!p.compute_all && gate[k] == 0.f) count[k] = 0;  // skipped branch: no partials written
   }
@@ -490,22 +600,32 @@ __global__ void nsa_combine_kernel(StepParams p) {
     for (int k = 0; k < 3; ++k) {
       const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
       float o = 0.f;
+#pragma unroll 4
       for (int64_t sp = 0; sp < count[k]; ++sp) o += weight[k][sp] * po[sp * p.h * p.dv];
       out[k] = o;
     }
     const int64_t at = (r * p.H + hd) * p.dv + e;
-    p.o_cmp[at] = out[0];
-    p.o_sel[at] = out[1];
-    p.o_win[at] = out[2];
+    if (p.compute_all) {  // per-branch outputs are only read back for inspection
+      p.o_cmp[at] = out[0];
+      p.o_sel[at] = out[1];
+      p.o_win[at] = out[2];
+    }
     float o = 0.f;
     for (int k = 0; k < 3; ++k) {
       if (gate[k] != 0.f) o += gate[k] * out[k];
     }
     static_cast<T*>(p.o)[at] = from_f32<T>(o);
   }
+  if (p.len_out == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t n_blocks = gridDim.x * gridDim.y;
+    if (atomicAdd(p.done, 1u) == n_blocks - 1) {
+      *p.len_out += p.advance;
+      *p.done = 0;
+    }
+  }
 }
-
-// Advances the device length after every kernel of the step has read it.
-__global__ void nsa_advance_kernel(int64_t* len, int64_t by) { *len += by; }
 
 }  // namespace nsa::cuda

@@ -6,10 +6,11 @@
 
 namespace nsa::cuda {
 
-// Splits: compressed attention in chunks of kCmpChunk tokens; window in kWinChunk tokens;
-// selection one split per selected block.
-constexpr int64_t kCmpChunk = 64;
-constexpr int64_t kWinChunk = 64;
+// Each branch's keys of one (row, group) are spread over at most n_*_splits thread blocks
+// (planned on the host from the batch and the SM count); a split covers a multiple of
+// kTileKeys keys, so the key count per split is decided on the device from the actual length.
+constexpr int64_t kTileKeys = 64;
+constexpr int64_t kMaxSplits = 256;  // per branch
 
 struct StepParams {
   // Shapes
@@ -17,7 +18,7 @@ struct StepParams {
   int64_t H, G, h, dk, dv, dim, P;  // P = projection width H*dk + 3*G*(dk+dv)
   int64_t l, d, l_sel, n_sel, w, g_hid;
   int64_t cap, cap_cmp;                // cache capacity in tokens and in compressed tokens
-  int64_t n_cmp_splits, n_win_splits;  // maximum split counts (from capacity)
+  int64_t n_cmp_splits, n_win_splits, n_sel_splits;  // splits per (row, group) of each branch
   int gate_sigmoid;
   float gate_temp;
   float scale;  // 1/sqrt(dk)
@@ -25,7 +26,8 @@ struct StepParams {
   int compute_all;  // 1: never skip zero-gated branches (inspection)
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
-  int64_t* len_out;    // [1] advanced by `advance` by the step's last kernel (or null)
+  int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)
+  uint32_t* done;      // [1] combine blocks finished (zero between launches)
   int64_t advance;
 
   // Inputs and weights (storage type unless noted)
@@ -55,7 +57,6 @@ struct StepParams {
   int32_t* sel_blocks;            // [R, G, n_sel], -1 = unused
   int32_t* sel_count;             // [R, G]
   int32_t* reads;                 // [R, G, 3]
-  unsigned long long* reads_acc;  // [3] running sums of reads (cmp, sel, win)
   float* o_cmp;
   float* o_sel;
   float* o_win;  // [R, H, dv]
@@ -69,7 +70,21 @@ struct StepParams {
 #endif
 
 NSA_HOST_DEVICE inline int64_t n_splits_total(const StepParams& p) {
-  return p.n_cmp_splits + p.n_win_splits + p.n_sel;
+  return p.n_cmp_splits + p.n_win_splits + p.n_sel_splits;
+}
+
+// Keys per split when n keys go to at most `splits` splits: a multiple of kTileKeys.
+NSA_HOST_DEVICE inline int64_t split_chunk(int64_t n, int64_t splits) {
+  const int64_t per = (n + splits - 1) / splits;
+  const int64_t tiles = (per + kTileKeys - 1) / kTileKeys;
+  return (tiles < 1 ? 1 : tiles) * kTileKeys;
+}
+
+// Splits that hold keys when n keys go to at most `splits` splits.
+NSA_HOST_DEVICE inline int64_t splits_used(int64_t n, int64_t splits) {
+  if (n <= 0) return 0;
+  const int64_t chunk = split_chunk(n, splits);
+  return (n + chunk - 1) / chunk;
 }
 
 }  // namespace nsa::cuda

@@ -1,0 +1,281 @@
+// Tensor-core split attention for 16-bit storage (the paper's group-centric kernel): the h <= 16
+// query heads of a group are the M = 16 rows of mma.sync m16n8k16, so each 64-key K/V tile is
+// read once for the whole group. Tiles stream through a cp.async double buffer while the
+// previous tile is computed; each of the 4 warps owns 16 keys of every tile and keeps its own
+// online softmax and output in registers (FlashAttention-2 style fragments), and the warps are
+// merged once at the end of the split.
+#pragma once
+
+#include <type_traits>
+
+#include "cuda/decode/step_kernels.cuh"
+
+namespace nsa::cuda {
+
+template <int DK, int DV>
+struct TcShape {
+  static constexpr int kStages = 2;
+  static constexpr int kWarps = 4;
+  static constexpr int kLdK = DK + 8;  // 16-byte row padding: conflict-free ldmatrix
+  static constexpr int kLdV = DV + 8;
+  static constexpr int kStageElems = static_cast<int>(kTileKeys) * (kLdK + kLdV);
+  static constexpr size_t kPipeBytes = size_t{kStages} * kStageElems * 2;
+  // Epilogue (reuses the pipeline buffers): m and l per warp and row, then O per warp.
+  static constexpr size_t kMergeBytes = (2 * kWarps * 16 + kWarps * 16 * DV) * sizeof(float);
+  static constexpr size_t kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
+  static constexpr size_t kSmemBytes = kMainBytes + 64 * sizeof(int32_t);  // + selected blocks
+  static_assert(DK % 16 == 0 && DV % 16 == 0, "head dims must be multiples of 16");
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; with valid == false the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D += A B for one m16n8k16 tile, fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one 32-bit register of 16-bit values, the first in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <typename T, int DK, int DV>
+__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
+  using Sh = TcShape<DK, DV>;
+  constexpr int kTile = static_cast<int>(kTileKeys);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  pdl_wait();
+  pdl_launch_dependents();
+  Split sp;
+  if (!split_range<T>(p, phase, sp)) return;
+  T* pipe = reinterpret_cast<T*>(smem_raw);
+  int32_t* blocks_s = reinterpret_cast<int32_t*>(smem_raw + Sh::kMainBytes);
+  if (sp.blocks != nullptr) {
+    for (int i = threadIdx.x; i < p.n_sel; i += blockDim.x) blocks_s[i] = sp.blocks[i];
+    __syncthreads();
+    sp.blocks = blocks_s;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int h = static_cast<int>(p.h);
+  const T* K = static_cast<const T*>(sp.K);
+  const T* V = static_cast<const T*>(sp.V);
+  const int64_t n_tiles = (sp.n + kTile - 1) / kTile;
+
+  // Issues the cp.async copies of tile `it` (rows past the split's end are zero-filled).
+  auto issue = [&](int64_t it) {
+    T* ks = pipe + (it % Sh::kStages) * Sh::kStageElems;
+    T* vs = ks + kTile * Sh::kLdK;
+    const int64_t j0 = sp.start + it * kTile;
+    const int64_t nk = min(static_cast<int64_t>(kTile), sp.start + sp.n - j0);
+    constexpr int kc = DK / 8, vc = DV / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int u = 0; u < kTile * kc / 128; ++u) {
+      const int i = threadIdx.x + 128 * u, row = i / kc, c = i % kc;
+      const bool ok = row < nk;
+      const T* src = K + (ok ? key_pos(sp, j0 + row) * DK : 0) + c * 8;
+      cp_async16(smem_addr(ks + row * Sh::kLdK + c * 8), src, ok);
+    }
+#pragma unroll
+    for (int u = 0; u < kTile * vc / 128; ++u) {
+      const int i = threadIdx.x + 128 * u, row = i / vc, c = i % vc;
+      const bool ok = row < nk;
+      const T* src = V + (ok ? key_pos(sp, j0 + row) * DV : 0) + c * 8;
+      cp_async16(smem_addr(vs + row * Sh::kLdV + c * 8), src, ok);
+    }
+  };
+  for (int s = 0; s < Sh::kStages - 1; ++s) {
+    if (s < n_tiles) issue(s);
+    cp_async_commit();
+  }
+
+  // Q as A fragments for the whole split: rows gid and gid + 8 (heads past h are zero).
+  uint32_t qa[DK / 16][4];
+  {
+    const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * p.h) * DK;
+    auto ld = [&](int row, int col) {
+      return row < h ? *reinterpret_cast<const uint32_t*>(q + row * DK + col) : 0u;
+    };
+#pragma unroll
+    for (int kc = 0; kc < DK / 16; ++kc) {
+      qa[kc][0] = ld(gid, kc * 16 + tig * 2);
+      qa[kc][1] = ld(gid + 8, kc * 16 + tig * 2);
+      qa[kc][2] = ld(gid, kc * 16 + 8 + tig * 2);
+      qa[kc][3] = ld(gid + 8, kc * 16 + 8 + tig * 2);
+    }
+  }
+  float o[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  // Running max (base-2 logits) and lane-partial sums of rows gid and gid + 8.
+  float m0 = -FLT_MAX, m1 = -FLT_MAX, l0 = 0.f, l1 = 0.f;
+  const float scale2 = p.scale * 1.4426950408889634f;  // logits in log2 units
+  float* logits = sp.branch == 0 ? p.cmp_logits + sp.rg * p.h * p.cap_cmp : nullptr;
+
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    if (it + Sh::kStages - 1 < n_tiles) issue(it + Sh::kStages - 1);
+    cp_async_commit();
+    cp_async_wait<Sh::kStages - 1>();
+    __syncthreads();
+    const T* ks = pipe + (it % Sh::kStages) * Sh::kStageElems;
+    const T* vs = ks + kTile * Sh::kLdK;
+    const int64_t j0 = sp.start + it * kTile;
+    const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), sp.start + sp.n - j0));
+    const int key0 = warp * 16;  // this warp's 16 keys of the tile
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kc = 0; kc < DK / 16; ++kc) {
+      uint32_t b[4];
+      const int row = key0 + (lane & 7) + ((lane >> 4) << 3), col = kc * 16 + ((lane >> 3) & 1) * 8;
+      ldmatrix_x4(b, smem_addr(ks + row * Sh::kLdK + col));
+      mma16816<T>(s[0], qa[kc], b[0], b[1]);
+      mma16816<T>(s[1], qa[kc], b[2], b[3]);
+    }
+    float mx0 = -FLT_MAX, mx1 = -FLT_MAX;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nt * 8 + tig * 2 + (e & 1), row = gid + (e >> 1) * 8;
+        const bool ok = key < nk;
+        if (logits != nullptr && ok && row < h) logits[row * p.cap_cmp + j0 + key] = s[nt][e] * p.scale;
+        s[nt][e] = ok ? s[nt][e] * scale2 : -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) {  // the 4 lanes of a quad hold one row's 16 keys
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - n0);
+      s[nt][1] = exp2f(s[nt][1] - n0);
+      s[nt][2] = exp2f(s[nt][2] - n1);
+      s[nt][3] = exp2f(s[nt][3] - n1);
+    }
+    l0 = l0 * c0 + s[0][0] + s[0][1] + s[1][0] + s[1][1];
+    l1 = l1 * c1 + s[0][2] + s[0][3] + s[1][2] + s[1][3];
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      o[nd][0] *= c0;
+      o[nd][1] *= c0;
+      o[nd][2] *= c1;
+      o[nd][3] *= c1;
+    }
+    // The S accumulators are the A fragment of P V (P rounded to 16 bits, as in FlashAttention).
+    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int nd = 0; nd < DV / 16; ++nd) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, smem_addr(vs + (key0 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
+      mma16816<T>(o[2 * nd], pa, b[0], b[1]);
+      mma16816<T>(o[2 * nd + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's issue
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the 4 warps: per row the block max M, each warp's factor 2^(m_w - M).
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  float* red_m = reinterpret_cast<float*>(smem_raw);  // [4][16]
+  float* red_l = red_m + Sh::kWarps * 16;             // [4][16]
+  float* obuf = red_l + Sh::kWarps * 16;              // [4][16][DV]
+  if (tig == 0) {
+    red_m[warp * 16 + gid] = m0;
+    red_m[warp * 16 + gid + 8] = m1;
+    red_l[warp * 16 + gid] = l0;
+    red_l[warp * 16 + gid + 8] = l1;
+  }
+  __syncthreads();
+  float M0 = -FLT_MAX, M1 = -FLT_MAX;
+#pragma unroll
+  for (int w = 0; w < Sh::kWarps; ++w) {
+    M0 = fmaxf(M0, red_m[w * 16 + gid]);
+    M1 = fmaxf(M1, red_m[w * 16 + gid + 8]);
+  }
+  const float f0 = exp2f(m0 - M0), f1 = exp2f(m1 - M1);
+  float* ob = obuf + warp * 16 * DV;
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    const int col = nd * 8 + tig * 2;
+    *reinterpret_cast<float2*>(ob + gid * DV + col) = make_float2(o[nd][0] * f0, o[nd][1] * f0);
+    *reinterpret_cast<float2*>(ob + (gid + 8) * DV + col) =
+        make_float2(o[nd][2] * f1, o[nd][3] * f1);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < h; i += blockDim.x) {
+    float M = -FLT_MAX, L = 0.f;
+    for (int w = 0; w < Sh::kWarps; ++w) M = fmaxf(M, red_m[w * 16 + i]);
+    for (int w = 0; w < Sh::kWarps; ++w) L += red_l[w * 16 + i] * exp2f(red_m[w * 16 + i] - M);
+    store_partial(p, sp, i, M * 0.6931471805599453f, L);  // back to natural-log units
+  }
+  float* out = partial_out(p, sp);
+  for (int i = threadIdx.x; i < h * DV; i += blockDim.x) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
+    out[i] = a;
+  }
+}
+
+}  // namespace nsa::cuda
