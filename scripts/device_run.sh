@@ -27,6 +27,7 @@ for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./build-dev/tests/nsa_tests \
     --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
+  grep -E -A6 "^========= (Error|Invalid|Race|.*hazard)" "$OUT/sanitizer_$tool.log" | head -40
 done
 [ "$MODE" = quick ] && exit 0
 

@@ -593,7 +593,7 @@ void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
     NSA_CUDA_CHECK_LAUNCH();
   }
   // Emit the compressed tokens of the new positions with the regular kernel (rows = B * S).
-  StepParams p = prepared(cache, S, 0, cache.batch * S, false, 0);
+  StepParams p = params(cache, S, 0, cache.batch * S, false, 0);  // emission needs no workspace
   p.gates = nullptr;  // emission only: these rows have no queries
   auto emit = dtype_ == DType::kF32    ? cuda::nsa_emit_kernel<float>
               : dtype_ == DType::kBF16 ? cuda::nsa_emit_kernel<__nv_bfloat16>

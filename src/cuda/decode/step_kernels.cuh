@@ -386,7 +386,8 @@ __device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
 }
 
 // Top `take` keys of key(j) for j in [0, n), by `take` rounds of warp argmax (one warp): each
-// lane keeps its best key, the winner removes it (drop(j)) and rescans. Appends to out.
+// lane keeps its best key, the winner removes it (drop(key)) and rescans. Writes them to
+// out[0, take), best first, 0 where fewer than `take` exist; returns how many exist.
 template <typename Key, typename Drop>
 __device__ __forceinline__ int warp_top(int64_t n, int64_t take, Key key, Drop drop,
                                         unsigned long long* out) {
@@ -412,6 +413,7 @@ __device__ __forceinline__ int warp_top(int64_t n, int64_t take, Key key, Drop d
     }
     __syncwarp();
   }
+  for (int64_t k = found + lane; k < take; k += 32) out[k] = 0ull;
   return found;
 }
 
@@ -419,8 +421,7 @@ constexpr int kSelectThreads = 1024;
 
 __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
   extern __shared__ float smem[];  // M[h], 1/S[h], p_cmp summed over heads [cap_cmp], score[nb]
-  __shared__ unsigned long long cand[32 * 64];
-  __shared__ int cand_n[32];
+  __shared__ unsigned long long cand[32 * 64];  // each warp's best `take` (0 = none)
   __shared__ unsigned long long chosen[64];
   __shared__ int n_chosen;
   pdl_wait();
@@ -510,19 +511,17 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   if (take > 0) {
     const int64_t per = (nb + n_warps - 1) / n_warps, lo = warp * per;
     const int64_t n_mine = max(int64_t{0}, min(per, nb - lo));
-    const int found = warp_top(
+    warp_top(
         n_mine, take, [&](int64_t j) { return rank_key(score[lo + j], lo + j); },
         [&](unsigned long long key) { score[key_block(key)] = -1.f; }, cand + warp * 64);
-    if (lane == 0) cand_n[warp] = found;
     __syncthreads();
     if (warp == 0) {
       const int found_all = warp_top(
-          n_warps * 64, take,
-          [&](int64_t k) { return k % 64 < cand_n[k / 64] ? cand[k] : 0ull; },
+          n_warps * take, take, [&](int64_t k) { return cand[(k / take) * 64 + k % take]; },
           [&](unsigned long long key) {
-            const int64_t j = key_block(key), w = j / per;  // drop it from its warp's list
-            for (int k = 0; k < cand_n[w]; ++k)
-              if (cand[w * 64 + k] == key) cand[w * 64 + k] = 0ull;
+            unsigned long long* list = cand + (key_block(key) / per) * 64;  // its warp's list
+            for (int64_t k = 0; k < take; ++k)
+              if (list[k] == key) list[k] = 0ull;
           },
           chosen);
       if (lane == 0) n_chosen = found_all;
