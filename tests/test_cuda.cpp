@@ -182,23 +182,27 @@ TEST(Cuda, LowPrecisionFallbackShapesMatchCpu) {
 // scripts/device_run.sh covers the pipelined kernel with these.
 TEST(Cuda, TensorCorePathSmall) {
   REQUIRE_GPU();
-  for (const char* tiles : {"", "2"}) {
-    SCOPED_TRACE(fmt::format("NSA_CUDA_TILES_PER_SPLIT='{}'", tiles));
-    if (*tiles != 0) ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
-    const Case cases[] = {
-        {16, 1, 192, 128, 2, 300, 4, DType::kBF16},
-        {4, 2, 64, 64, 2, 150, 4, DType::kF16},
-    };
-    for (const Case& k : cases) check_case(k);
-    ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
+  for (const char* stages : {"2", "4"}) {
+    for (const char* tiles : {"", "2"}) {
+      SCOPED_TRACE(fmt::format("NSA_CUDA_TC_STAGES={} NSA_CUDA_TILES_PER_SPLIT='{}'", stages, tiles));
+      ::setenv("NSA_CUDA_TC_STAGES", stages, 1);
+      if (*tiles != 0) ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
+      const Case cases[] = {
+          {16, 1, 192, 128, 2, 300, 4, DType::kBF16},
+          {4, 2, 64, 64, 2, 150, 4, DType::kF16},
+      };
+      for (const Case& k : cases) check_case(k);
+      ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
+    }
   }
+  ::unsetenv("NSA_CUDA_TC_STAGES");
 }
 
 // Splits of several tiles each (double-buffered tile pipeline, several splits per branch),
 // which the automatic plan gives only at large batches.
 TEST(Cuda, MultiTileSplitsMatchCpu) {
   REQUIRE_GPU();
-  for (const char* tiles : {"2", "3"}) {
+  for (const char* tiles : {"2", "5"}) {
     SCOPED_TRACE(fmt::format("NSA_CUDA_TILES_PER_SPLIT={}", tiles));
     ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
     const Case cases[] = {

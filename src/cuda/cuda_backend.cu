@@ -184,13 +184,14 @@ class CudaBackend final : public Backend {
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=0 turns it off)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
+  int tc_stages_ = 4;  // cp.async ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|4)
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
   // Workspace for up to ws_rows_ rows and ws_slots_ split partials per group (grown outside
   // graph capture only).
-  int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_cmp_ = 0;
-  DeviceBuffer x_, proj_, q_, gates_, logits_, part_m_, part_s_, part_o_, sel_blocks_, sel_count_,
+  int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_ = 0;
+  DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_, sel_blocks_, sel_count_,
       reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
 
@@ -207,6 +208,11 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && !(pdl_env != nullptr && std::string_view(pdl_env) == "0");
+  if (const char* stages = std::getenv("NSA_CUDA_TC_STAGES"); stages != nullptr) {
+    tc_stages_ = std::atoi(stages);
+    NSA_CHECK(tc_stages_ == 2 || tc_stages_ == 4,
+              "NSA_CUDA_TC_STAGES: value '{}' is not valid; allowed: 2, 4", stages);
+  }
   if (const char* tiles = std::getenv("NSA_CUDA_TILES_PER_SPLIT"); tiles != nullptr) {
     tiles_per_split_ = std::atoll(tiles);
     NSA_CHECK(tiles_per_split_ >= 1, "NSA_CUDA_TILES_PER_SPLIT: value '{}' is not valid; allowed: "
@@ -258,10 +264,9 @@ std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
 void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   if (tokens <= cache.cap) return;
   auto sel_smem = [&](int64_t cap) {
-    return cuda::select_smem_bytes(c_.heads_per_group(), cap, core::num_cmp(cap, c_.l, c_.d),
-                                   c_.l_sel);
+    return cuda::select_smem_bytes(cap / c_.l_sel + 1);
   };
-  // The selection kernel keeps the head-summed p_cmp and the block scores in shared memory.
+  // The selection kernel keeps the block scores of a sequence in shared memory.
   NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,
             "context of {} tokens per sequence exceeds the CUDA backend's limit (the selection "
             "kernel needs {} KiB of shared memory for it, at most {} KiB are available)",
@@ -292,7 +297,7 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
 
 // Grows the workspace to `rows` rows with `splits` split partials per (row, group).
 void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache) {
-  if (rows <= ws_rows_ && rows * splits <= ws_slots_ && cache.cap_cmp <= ws_cap_cmp_) return;
+  if (rows <= ws_rows_ && rows * splits <= ws_slots_ && cache.cap <= ws_cap_) return;
   const int64_t slots = std::max(rows * splits, ws_slots_);
   rows = std::max(rows, ws_rows_);
   const int64_t H = c_.heads, G = c_.groups, dv = c_.dv, h = c_.heads_per_group();
@@ -303,6 +308,7 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   q_ = st(rows * H * c_.dk);
   gates_ = f32(rows * G * 3);
   logits_ = f32(rows * H * cache.cap_cmp);
+  block_scores_ = f32(rows * G * (cache.cap / c_.l_sel + 1));
   part_m_ = f32(slots * G * h);
   part_s_ = f32(slots * G * h);
   part_o_ = f32(slots * G * h * dv);
@@ -320,7 +326,7 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   y_ = f32(rows * c_.dim);
   ws_rows_ = rows;
   ws_slots_ = slots;
-  ws_cap_cmp_ = cache.cap_cmp;
+  ws_cap_ = cache.cap;
 }
 
 StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
@@ -386,6 +392,8 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.q = q_.get();
   p.gates = gates_.as<float>();
   p.cmp_logits = logits_.as<float>();
+  p.block_scores = block_scores_.as<float>();
+  p.nb_cap = cache.cap / c_.l_sel + 1;
   p.part_m = part_m_.as<float>();
   p.part_s = part_s_.as<float>();
   p.part_o = part_o_.as<float>();
@@ -410,10 +418,9 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
 template <typename... Params, typename... Args>
 void CudaBackend::launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                          Args... args) {
-  if (smem > (48u << 10)) {
-    NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  // Static plus dynamic shared memory above 48 KiB needs the opt-in, so always state it.
+  NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -430,19 +437,26 @@ void CudaBackend::launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 using AttnKernel = void (*)(StepParams, int);
 
 template <typename T, int DK, int DV>
-bool pick_tc(int64_t dk, int64_t dv, AttnKernel& kernel, size_t& smem) {
+bool pick_tc(int64_t dk, int64_t dv, int stages, AttnKernel& kernel, size_t& smem) {
   if (dk != DK || dv != DV) return false;
-  kernel = cuda::nsa_attn_tc_kernel<T, DK, DV>;
-  smem = cuda::TcShape<DK, DV>::kSmemBytes;
+  if (stages == 2) {
+    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2>;
+    smem = cuda::TcShape<DK, DV, 2>::kSmemBytes;
+  } else {
+    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 4>;
+    smem = cuda::TcShape<DK, DV, 4>::kSmemBytes;
+  }
   return true;
 }
 
 // The tensor-core attention kernel for these head dims, or null (FFMA kernel instead).
 template <typename T>
-AttnKernel tc_kernel(int64_t dk, int64_t dv, size_t& smem) {
+AttnKernel tc_kernel(int64_t dk, int64_t dv, int stages, size_t& smem) {
   AttnKernel k = nullptr;
-  (void)(pick_tc<T, 32, 32>(dk, dv, k, smem) || pick_tc<T, 64, 64>(dk, dv, k, smem) ||
-         pick_tc<T, 128, 128>(dk, dv, k, smem) || pick_tc<T, 192, 128>(dk, dv, k, smem));
+  (void)(pick_tc<T, 32, 32>(dk, dv, stages, k, smem) ||
+         pick_tc<T, 64, 64>(dk, dv, stages, k, smem) ||
+         pick_tc<T, 128, 128>(dk, dv, stages, k, smem) ||
+         pick_tc<T, 192, 128>(dk, dv, stages, k, smem));
   return k;
 }
 
@@ -453,23 +467,27 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   // A decode step (one token per sequence) emits inside the prepare kernel; prefill rows of one
   // sequence are spread over blocks, so their emission runs after every row is appended.
   const int emit_inside = p.T == 1 ? 1 : 0;
-  launch(cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(256),
-         cuda::prepare_smem_bytes(p.dk, p.g_hid), p, emit_inside);
+  launch(cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(cuda::kPrepareThreads),
+         cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, emit_inside);
   if (!emit_inside) launch(cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   // Tensor cores for 16-bit storage when the group fits the MMA rows; fp32 FFMA otherwise.
   size_t attn_smem = cuda::ffma_smem_bytes(p.h, p.dk, p.dv);
   AttnKernel attn = cuda::nsa_attn_split_kernel<T>;
   if constexpr (!std::is_same_v<T, float>) {
     size_t tc_smem = 0;
-    if (AttnKernel tc = tc_kernel<T>(p.dk, p.dv, tc_smem); tc != nullptr && p.h <= 16) {
+    if (AttnKernel tc = tc_kernel<T>(p.dk, p.dv, tc_stages_, tc_smem); tc != nullptr && p.h <= 16) {
       attn = tc;
       attn_smem = tc_smem;
     }
   }
   const auto splits0 = static_cast<unsigned>(p.n_cmp_splits + p.n_win_splits);
   launch(attn, dim3(RG, splits0), dim3(128), attn_smem, p, 0);
+  const auto score_chunks =
+      static_cast<unsigned>((p.nb_cap + cuda::kScoreBlocks - 1) / cuda::kScoreBlocks);
+  launch(cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
+         cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch(cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
-         cuda::select_smem_bytes(p.h, p.cap, p.cap_cmp, p.l_sel), p);
+         cuda::select_smem_bytes(p.nb_cap), p);
   launch(attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));

@@ -12,9 +12,10 @@
 
 namespace nsa::cuda {
 
-template <int DK, int DV>
+// STAGES tiles in the cp.async ring: STAGES - 1 load while one is computed.
+template <int DK, int DV, int STAGES>
 struct TcShape {
-  static constexpr int kStages = 2;
+  static constexpr int kStages = STAGES;
   static constexpr int kWarps = 4;
   static constexpr int kLdK = DK + 8;  // 16-byte row padding: conflict-free ldmatrix
   static constexpr int kLdV = DV + 8;
@@ -87,9 +88,10 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-template <typename T, int DK, int DV>
-__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
-  using Sh = TcShape<DK, DV>;
+template <typename T, int DK, int DV, int STAGES>
+__global__ void __launch_bounds__(128, STAGES <= 2 ? 2 : 1)
+    nsa_attn_tc_kernel(StepParams p, int phase) {
+  using Sh = TcShape<DK, DV, STAGES>;
   constexpr int kTile = static_cast<int>(kTileKeys);
   extern __shared__ __align__(128) unsigned char smem_raw[];
   pdl_wait();

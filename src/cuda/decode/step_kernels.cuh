@@ -56,9 +56,12 @@ __device__ __forceinline__ void emit_compressed(const StepParams& p, const RowIn
   }
 }
 
+constexpr int kPrepareThreads = 512;
+
 template <typename T>
-__global__ void nsa_prepare_kernel(StepParams p, int emit) {
-  extern __shared__ double rope_smem[];  // cos[dk/2], sin[dk/2] (double), then u[dk], hid[g_hid]
+__global__ void __launch_bounds__(kPrepareThreads) nsa_prepare_kernel(StepParams p, int emit) {
+  // cos[dk/2], sin[dk/2] (double), then the rotated queries as stored qr[h][dk], u[dk], hid[g_hid]
+  extern __shared__ double rope_smem[];
   pdl_wait();
   pdl_launch_dependents();
   const RowInfo ri = row_info(p, blockIdx.x);
@@ -67,7 +70,8 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
   const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
   double* cs = rope_smem;
   double* sn = cs + half;
-  float* u = reinterpret_cast<float*>(sn + half);
+  float* qr = reinterpret_cast<float*>(sn + half);
+  float* u = qr + h * dk;
   float* hid = u + dk;
   // Angles in double (positions reach 1e5), once per frequency.
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
@@ -79,6 +83,7 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
   const float* pr = p.proj + ri.r * p.P;
   T* q = static_cast<T*>(p.q) + (ri.r * p.H + g * h) * p.dk;
   // Rotate the group's h query heads, then its three keys (cmp, sel, win), pair by pair.
+#pragma unroll 4
   for (int i = threadIdx.x; i < (h + 3) * half; i += blockDim.x) {
     const int vec = i / half, j = i % half;
     const float* src;
@@ -93,8 +98,14 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
       dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap);
     }
     const double x0 = src[2 * j], x1 = src[2 * j + 1];
-    dst[2 * j] = from_f32<T>(static_cast<float>(x0 * cs[j] - x1 * sn[j]));
-    dst[2 * j + 1] = from_f32<T>(static_cast<float>(x0 * sn[j] + x1 * cs[j]));
+    const T y0 = from_f32<T>(static_cast<float>(x0 * cs[j] - x1 * sn[j]));
+    const T y1 = from_f32<T>(static_cast<float>(x0 * sn[j] + x1 * cs[j]));
+    dst[2 * j] = y0;
+    dst[2 * j + 1] = y1;
+    if (vec < h) {
+      qr[vec * dk + 2 * j] = to_f32(y0);
+      qr[vec * dk + 2 * j + 1] = to_f32(y1);
+    }
   }
   for (int i = threadIdx.x; i < 3 * dv; i += blockDim.x) {
     const int kv = i / dv, e = i % dv;
@@ -107,8 +118,7 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
   // Gate from the mean of the group's rotated queries, as stored (SPEC section 2, step 4).
   for (int e = threadIdx.x; e < dk; e += blockDim.x) {
     float s = 0.f;
-#pragma unroll 8
-    for (int j = 0; j < h; ++j) s += to_f32(q[j * dk + e]);
+    for (int j = 0; j < h; ++j) s += qr[j * dk + e];
     u[e] = s / static_cast<float>(h);
   }
   __syncthreads();
@@ -117,6 +127,7 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
   const int g_hid = static_cast<int>(p.g_hid);
   for (int i0 = 4 * warp; i0 < g_hid; i0 += 4 * n_warps) {
     float a[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
     for (int e = lane; e < dk; e += 32) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -155,8 +166,9 @@ __global__ void nsa_prepare_kernel(StepParams p, int emit) {
 }
 
 // Shared-memory bytes of nsa_prepare_kernel.
-inline size_t prepare_smem_bytes(int64_t dk, int64_t g_hid) {
-  return static_cast<size_t>(dk) * sizeof(double) + static_cast<size_t>(dk + g_hid) * sizeof(float);
+inline size_t prepare_smem_bytes(int64_t h, int64_t dk, int64_t g_hid) {
+  return static_cast<size_t>(dk) * sizeof(double) +
+         static_cast<size_t>((h + 1) * dk + g_hid) * sizeof(float);
 }
 
 // Emission only, per (row, group): prefill launches and cache filling.
@@ -417,38 +429,33 @@ __device__ __forceinline__ int warp_top(int64_t n, int64_t take, Key key, Drop d
   return found;
 }
 
-constexpr int kSelectThreads = 1024;
+// Scores of selection blocks [j0, j0 + kScoreBlocks) per (row, group): the group's p_cmp summed
+// over its heads (the overlap weights do not depend on the head), spread by overlap. Grid:
+// (row, group) x chunks of blocks, so every SM takes part in reading the logits.
+constexpr int kScoreBlocks = 128;
+constexpr int kScoreThreads = 256;
 
-__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
-  extern __shared__ float smem[];  // M[h], 1/S[h], p_cmp summed over heads [cap_cmp], score[nb]
-  __shared__ unsigned long long cand[32 * 64];  // each warp's best `take` (0 = none)
-  __shared__ unsigned long long chosen[64];
-  __shared__ int n_chosen;
+__host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_sel) {
+  return (kScoreBlocks * l_sel + l - 1) / d + 2;  // compressed tokens one chunk overlaps
+}
+
+__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
+  extern __shared__ float smem[];  // M[h], 1/S[h], head-summed p_cmp of the chunk's span
   pdl_wait();
   pdl_launch_dependents();
   const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
-  const bool need_sel = p.compute_all || gate[1] != 0.f;
-  const int64_t h = p.h;
+  const int64_t nb = ri.L / p.l_sel, j0 = blockIdx.y * kScoreBlocks;
+  if (!(p.compute_all || gate[1] != 0.f) || j0 >= nb) return;
+  const int64_t j1 = min(nb, j0 + kScoreBlocks), h = p.h;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
-  const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
-  int32_t* blocks = p.sel_blocks + rg * p.n_sel;
-  int32_t* rd = p.reads + rg * 3;
-  if (!need_sel) {
-    for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
-    if (threadIdx.x == 0) {
-      p.sel_count[rg] = 0;
-      rd[0] = static_cast<int32_t>(n_cmp);
-      rd[1] = 0;
-      rd[2] = static_cast<int32_t>(n_win);
-    }
-    return;
-  }
+  const int64_t lo_num = j0 * p.l_sel - p.l + 1;
+  const int64_t i0 = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
+  const int64_t i1 = min(n_cmp, (j1 * p.l_sel - 1) / p.d + 1);
   float* M = smem;
   float* invS = M + h;
-  float* pc = invS + h;
-  float* score = pc + p.cap_cmp;
+  float* pc = invS + h;  // pc[i - i0]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   {  // one warp per head: max and sum over the compressed splits
     const int64_t NS = n_splits_total(p);
@@ -469,27 +476,65 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
     }
   }
   __syncthreads();
-  // p_cmp summed over the group's heads (the overlap weights do not depend on the head).
   const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
-  for (int64_t i = threadIdx.x; i < n_cmp; i += blockDim.x) {
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
     float ps = 0.f;
-#pragma unroll 8
+#pragma unroll 16
     for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
-    pc[i] = ps;
+    pc[i - i0] = ps;
   }
   __syncthreads();
-  // Group score of each complete block.
-  const int64_t nb = ri.L / p.l_sel;
-  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
-    const int64_t lo_num = j * p.l_sel - p.l + 1;
-    const int64_t i_lo = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
+  float* out = p.block_scores + rg * p.nb_cap;
+  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+    const int64_t lo = j * p.l_sel - p.l + 1;
+    const int64_t i_lo = lo <= 0 ? 0 : (lo + p.d - 1) / p.d;
     const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
     float sc = 0.f;
     for (int64_t i = i_lo; i <= i_hi; ++i) {
-      sc += pc[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
+      sc += pc[i - i0] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) /
+            static_cast<float>(p.l);
     }
-    score[j] = sc;
+    out[j] = sc;
   }
+}
+
+// Shared-memory bytes of nsa_score_kernel.
+inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
+  return sizeof(float) * static_cast<size_t>(2 * h + score_span(l, d, l_sel));
+}
+
+constexpr int kSelectThreads = 256;
+
+// Top-n selection per (row, group): forced blocks (0, current, previous), then the best scored
+// blocks; reads of the three branches.
+__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
+  extern __shared__ float score[];                   // [nb]
+  __shared__ unsigned long long cand[8 * 64];        // each warp's best `take` (0 = none)
+  __shared__ unsigned long long chosen[64];
+  __shared__ int64_t all[67];
+  __shared__ int n_chosen;
+  pdl_wait();
+  pdl_launch_dependents();
+  const int64_t rg = blockIdx.x, r = rg / p.G;
+  const RowInfo ri = row_info(p, r);
+  const float* gate = p.gates + rg * 3;
+  const bool need_sel = p.compute_all || gate[1] != 0.f;
+  const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
+  const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
+  int32_t* blocks = p.sel_blocks + rg * p.n_sel;
+  int32_t* rd = p.reads + rg * 3;
+  if (!need_sel) {
+    for (int64_t k = threadIdx.x; k < p.n_sel; k += blockDim.x) blocks[k] = -1;
+    if (threadIdx.x == 0) {
+      p.sel_count[rg] = 0;
+      rd[0] = static_cast<int32_t>(n_cmp);
+      rd[1] = 0;
+      rd[2] = static_cast<int32_t>(n_win);
+    }
+    return;
+  }
+  const int64_t nb = ri.L / p.l_sel;
+  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) score[j] = p.block_scores[rg * p.nb_cap + j];
   const int64_t cur = ri.t / p.l_sel;
   int64_t forced[3], nf = 0;
   const int64_t cand_forced[3] = {0, cur, cur - 1};
@@ -507,7 +552,8 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   }
   __syncthreads();
   // Top-n: each warp takes the best of its slice of the blocks, warp 0 the best of those.
-  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  const int take = static_cast<int>(min(p.n_sel - nf, nb - forced_complete));
   if (take > 0) {
     const int64_t per = (nb + n_warps - 1) / n_warps, lo = warp * per;
     const int64_t n_mine = max(int64_t{0}, min(per, nb - lo));
@@ -517,10 +563,14 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
     __syncthreads();
     if (warp == 0) {
       const int found_all = warp_top(
-          n_warps * take, take, [&](int64_t k) { return cand[(k / take) * 64 + k % take]; },
+          n_warps * take, take,
+          [&](int64_t k) {
+            const int kk = static_cast<int>(k);
+            return cand[(kk / take) * 64 + kk % take];
+          },
           [&](unsigned long long key) {
             unsigned long long* list = cand + (key_block(key) / per) * 64;  // its warp's list
-            for (int64_t k = 0; k < take; ++k)
+            for (int k = 0; k < take; ++k)
               if (list[k] == key) list[k] = 0ull;
           },
           chosen);
@@ -531,7 +581,6 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    int64_t all[67];
     int64_t n = 0;
     for (int64_t k = 0; k < nf; ++k) all[n++] = forced[k];
     for (int64_t k = 0; k < n_chosen; ++k) all[n++] = key_block(chosen[k]);
@@ -554,9 +603,7 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
 }
 
 // Shared-memory bytes of nsa_select_kernel.
-inline size_t select_smem_bytes(int64_t h, int64_t cap, int64_t cap_cmp, int64_t l_sel) {
-  return sizeof(float) * static_cast<size_t>(2 * h + cap_cmp + cap / l_sel + 1);
-}
+inline size_t select_smem_bytes(int64_t nb_cap) { return sizeof(float) * static_cast<size_t>(nb_cap); }
 
 // --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
 // The block that finishes last advances the device length by p.advance: every block has read
@@ -599,7 +646,7 @@ __global__ void nsa_combine_kernel(StepParams p) {
     for (int k = 0; k < 3; ++k) {
       const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
       float o = 0.f;
-#pragma unroll 4
+#pragma unroll 8
       for (int64_t sp = 0; sp < count[k]; ++sp) o += weight[k][sp] * po[sp * p.h * p.dv];
       out[k] = o;
     }

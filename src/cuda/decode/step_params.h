@@ -51,6 +51,8 @@ struct StepParams {
   void* q;                        // [R, H, dk] storage type, rotated
   float* gates;                   // [R, G, 3]
   float* cmp_logits;              // [R, G, h, cap_cmp]
+  float* block_scores;            // [R, G, nb_cap] group score of each selection block
+  int64_t nb_cap;                 // cap / l_sel + 1
   float* part_m;                  // [R, G, n_splits_total, h]
   float* part_s;                  // [R, G, n_splits_total, h]
   float* part_o;                  // [R, G, n_splits_total, h, dv]
