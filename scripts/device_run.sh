@@ -28,7 +28,7 @@ for tool in memcheck racecheck; do
   # kernels (nvjet_*), which are not ours to fix. Racecheck runs without programmatic dependent
   # launch (it failed with an internal sanitizer error on griddepcontrol in our test runs).
   pdl=1; [ $tool = racecheck ] && pdl=0
-  NSA_CUDA_PDL=$pdl compute-sanitizer --tool $tool --kernel-name regex:nsa_ --error-exitcode 9 ./build-dev/tests/nsa_tests \
+  NSA_CUDA_PDL=$pdl compute-sanitizer --tool $tool --kernel-name kns=nsa_ --error-exitcode 9 ./build-dev/tests/nsa_tests \
     --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
   grep -E -A6 "^========= (Error|Invalid|Race|.*hazard)" "$OUT/sanitizer_$tool.log" | head -40

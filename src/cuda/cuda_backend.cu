@@ -184,7 +184,7 @@ class CudaBackend final : public Backend {
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=0 turns it off)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
-  int tc_stages_ = 4;  // cp.async ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|4)
+  int tc_stages_ = 2;  // cp.async ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|4)
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
@@ -351,16 +351,19 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.g_hid = c_.gate_hidden;
   p.cap = cache.cap;
   p.cap_cmp = cache.cap_cmp;
-  // Split plan: about 4 waves of attention blocks (2 resident per SM), whole 64-key tiles per
-  // split. Planned for the length after this call; the device sizes the splits from the
-  // actual length, so a graph replayed over later steps stays correct.
+  // Split plan, whole 64-key tiles per split: about 2 waves of attention blocks (2 resident per
+  // SM) over the cmp + window keys, one wave over the selected keys. Longer splits amortise a
+  // block's fixed latency (parameters, first tile, merge); more splits fill the GPU. Planned for
+  // the length after this call; the device sizes the splits from the actual length, so a graph
+  // replayed over later steps stays correct.
   const int64_t L = cache.length + T, tile = cuda::kTileKeys;
   const int64_t cmp_tiles = (core::num_cmp(L, c_.l, c_.d) + tile - 1) / tile;
   const int64_t win_tiles = (std::min(c_.w, L) + tile - 1) / tile;
   const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
-  const int64_t target = int64_t{8} * sms_, RG = std::max<int64_t>(1, R * c_.groups);
-  int64_t per0 = std::max<int64_t>(1, ((cmp_tiles + win_tiles) * RG + target - 1) / target);
-  int64_t per1 = std::max<int64_t>(1, (sel_tiles * RG + target - 1) / target);
+  const int64_t target0 = int64_t{4} * sms_, target1 = int64_t{2} * sms_;
+  const int64_t RG = std::max<int64_t>(1, R * c_.groups);
+  int64_t per0 = std::max<int64_t>(1, ((cmp_tiles + win_tiles) * RG + target0 - 1) / target0);
+  int64_t per1 = std::max<int64_t>(1, (sel_tiles * RG + target1 - 1) / target1);
   if (tiles_per_split_ > 0) per0 = per1 = tiles_per_split_;
   auto splits = [](int64_t tiles, int64_t per) {
     return std::clamp<int64_t>((tiles + per - 1) / per, 1, cuda::kMaxSplits);

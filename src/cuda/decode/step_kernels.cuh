@@ -206,6 +206,10 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   sp.rg = blockIdx.x;
   sp.r = sp.rg / p.G;
   sp.g = sp.rg % p.G;
+  // Independent loads first, so their latencies overlap.
+  const float* gate = p.gates + sp.rg * 3;
+  const float g0 = gate[0], g1 = gate[1], g2 = gate[2];
+  const int32_t sel_tokens = phase == 1 ? p.reads[sp.rg * 3 + 1] : 0;
   const RowInfo ri = row_info(p, sp.r);
   int64_t s = blockIdx.y, total = 0, splits = 1;
   sp.base = 0;
@@ -235,7 +239,7 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
     sp.branch = 1;
     sp.index = p.n_cmp_splits + p.n_win_splits + s;
     sp.blocks = p.sel_blocks + sp.rg * p.n_sel;
-    total = p.reads[sp.rg * 3 + 1];  // tokens of the selected blocks
+    total = sel_tokens;  // tokens of the selected blocks
     splits = p.n_sel_splits;
     K = p.k_sel;
     V = p.v_sel;
@@ -243,28 +247,54 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   const int64_t chunk = split_chunk(total, splits);
   sp.start = s * chunk;
   sp.n = min(chunk, total - sp.start);
-  if (sp.n <= 0 || !branch_needed(p, p.gates + sp.rg * 3, sp.branch)) return false;
+  const float gv[3] = {g0, g1, g2};
+  if (sp.n <= 0 || !branch_needed(p, gv, sp.branch)) return false;
   sp.K = static_cast<const T*>(K) + cache_at(p, ri.b, sp.g, 0, p.dk, cap);
   sp.V = static_cast<const T*>(V) + cache_at(p, ri.b, sp.g, 0, p.dv, cap);
   return true;
 }
 
-// Reads n values as f32 through load(i) with kStage loads per thread in flight, then hands each
-// to store(i, v).
-template <typename Load, typename Store>
-__device__ __forceinline__ void stage_load(int n, Load load, Store store) {
+// Copies rows [0, nk) of a K or V tile (row j at src_row(j), `width` elements) into shared
+// memory as f32 with row stride ld. 16-byte loads when rows allow it, kStage per thread in
+// flight before the stores (a load-store loop would wait one memory latency per load).
+template <typename T, typename Row>
+__device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int width, Row src_row) {
   constexpr int kStage = 8;
+  if ((width * sizeof(T)) % 16 == 0) {
+    constexpr int kPer = 16 / sizeof(T);  // elements per 16 bytes
+    const int vec = width / kPer, n = nk * vec;
+    for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
+      uint4 r[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = base + u * blockDim.x;
+        r[u] = i < n ? __ldg(reinterpret_cast<const uint4*>(src_row(i / vec)) + i % vec)
+                     : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = base + u * blockDim.x;
+        if (i >= n) continue;
+        const T* v = reinterpret_cast<const T*>(&r[u]);
+        float* d = dst + (i / vec) * ld + (i % vec) * kPer;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
+      }
+    }
+    return;
+  }
+  const int n = nk * width;
   for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
     float r[kStage];
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int i = base + u * blockDim.x;
-      r[u] = i < n ? load(i) : 0.f;
+      r[u] = i < n ? to_f32(src_row(i / width)[i % width]) : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int i = base + u * blockDim.x;
-      if (i < n) store(i, r[u]);
+      if (i < n) dst[(i / width) * ld + i % width] = r[u];
     }
   }
 }
@@ -288,11 +318,17 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
   extern __shared__ float smem[];
   pdl_wait();
   pdl_launch_dependents();
+  __shared__ int32_t blocks_s[64];
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
+  if (sp.blocks != nullptr) {
+    for (int i = threadIdx.x; i < p.n_sel; i += blockDim.x) blocks_s[i] = sp.blocks[i];
+    __syncthreads();
+    sp.blocks = blocks_s;
+  }
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
-  const int kst = dk + 1;
+  const int kst = dk + 1;  // odd row stride: the threads of a warp read 32 different banks
   float* qs = smem;              // [h][dk], pre-scaled
   float* ks = qs + h * dk;       // [kTile][dk + 1]
   float* vs = ks + kTile * kst;  // [kTile][dv]
@@ -315,12 +351,8 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
   for (int64_t j0 = sp.start; j0 < sp.start + sp.n; j0 += kTile) {
     const int nk = static_cast<int>(min(kTileKeys, sp.start + sp.n - j0));
     __syncthreads();
-    stage_load(
-        nk * dk, [&](int i) { return to_f32(K[key_pos(sp, j0 + i / dk) * dk + i % dk]); },
-        [&](int i, float v) { ks[(i / dk) * kst + i % dk] = v; });
-    stage_load(
-        nk * dv, [&](int i) { return to_f32(V[key_pos(sp, j0 + i / dv) * dv + i % dv]); },
-        [&](int i, float v) { vs[i] = v; });
+    load_tile_f32<T>(ks, kst, nk, dk, [&](int j) { return K + key_pos(sp, j0 + j) * dk; });
+    load_tile_f32<T>(vs, dv, nk, dv, [&](int j) { return V + key_pos(sp, j0 + j) * dv; });
     __syncthreads();
     for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
       const int hh = i / kTile, j = i % kTile;
@@ -328,8 +360,14 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
       if (j < nk) {
         const float* qq = qs + hh * dk;
         const float* kk = ks + j * kst;
-        a = 0.f;
-        for (int e = 0; e < dk; ++e) a += qq[e] * kk[e];
+        float acc4[4] = {0.f, 0.f, 0.f, 0.f};  // four chains instead of one
+        int e = 0;
+        for (; e + 4 <= dk; e += 4) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) acc4[u] += qq[e + u] * kk[e + u];
+        }
+        for (; e < dk; ++e) acc4[0] += qq[e] * kk[e];
+        a = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
         if (logits_out) logits_out[hh * p.cap_cmp + j0 + j] = a;
       }
       lg[i] = a;
@@ -358,9 +396,14 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
     for (int i = threadIdx.x; i < h * dv; i += blockDim.x) {
       const int hh = i / dv, e = i % dv;
       const float* pr = lg + hh * kTile;
-      float a = acc[i] * corr[hh];
-      for (int j = 0; j < nk; ++j) a += pr[j] * vs[j * dv + e];
-      acc[i] = a;
+      float a4[4] = {0.f, 0.f, 0.f, 0.f};
+      int j = 0;
+      for (; j + 4 <= nk; j += 4) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a4[u] += pr[j + u] * vs[(j + u) * dv + e];
+      }
+      for (; j < nk; ++j) a4[0] += pr[j] * vs[j * dv + e];
+      acc[i] = acc[i] * corr[hh] + ((a4[0] + a4[1]) + (a4[2] + a4[3]));
     }
   }
   __syncthreads();
@@ -376,56 +419,60 @@ inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
 }
 
 // --- 4. Block scores, top-n selection, reads, per (row, group) ------------------------------
-// Candidates are ranked by a 64-bit key: the score's bits (scores are >= 0, so their bit
-// patterns order like the values) above the complemented block index (lower index wins ties);
-// 0 marks "not a candidate".
-__device__ __forceinline__ unsigned long long rank_key(float score, int64_t j) {
-  if (!(score >= 0.f)) return 0ull;
-  return (static_cast<unsigned long long>(__float_as_uint(score)) << 32) |
-         (0xffffffffull - static_cast<unsigned long long>(j));
+// Candidates rank by score (higher first), then block index (lower first). key = float bits + 1
+// (scores are >= 0, so the bit patterns order like the values), 0 = not a candidate.
+__device__ __forceinline__ uint32_t score_key(float score) {
+  return score >= 0.f ? __float_as_uint(score) + 1u : 0u;
 }
 
-__device__ __forceinline__ int64_t key_block(unsigned long long key) {
-  return static_cast<int64_t>(0xffffffffull - (key & 0xffffffffull));
-}
-
-__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
-  for (int off = 16; off > 0; off /= 2) {
-    const unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-// Top `take` keys of key(j) for j in [0, n), by `take` rounds of warp argmax (one warp): each
-// lane keeps its best key, the winner removes it (drop(key)) and rescans. Writes them to
-// out[0, take), best first, 0 where fewer than `take` exist; returns how many exist.
-template <typename Key, typename Drop>
-__device__ __forceinline__ int warp_top(int64_t n, int64_t take, Key key, Drop drop,
-                                        unsigned long long* out) {
+// Top `take` of the candidates c in [0, n) by `take` rounds of warp argmax (one warp, REDUX
+// max on the key, then min on the index among the lanes holding it): each lane keeps its best,
+// the winner drops it and rescans. key(c) and index(c) describe candidate c; drop(c) removes it.
+// Writes the winners' keys and indices to out_key / out_idx [0, take), 0 / -1 past the last;
+// returns how many exist.
+template <typename Key, typename Index, typename Drop>
+__device__ __forceinline__ int warp_top(int n, int take, Key key, Index index, Drop drop,
+                                        uint32_t* out_key, int32_t* out_idx) {
   const int lane = threadIdx.x % 32;
+  int best_c = -1;
+  uint32_t best_k = 0;
+  int32_t best_i = INT32_MAX;
   auto scan = [&]() {
-    unsigned long long b = 0;
-    for (int64_t j = lane; j < n; j += 32) {
-      const unsigned long long k = key(j);
-      b = k > b ? k : b;
+    best_c = -1;
+    best_k = 0;
+    best_i = INT32_MAX;
+    for (int c = lane; c < n; c += 32) {
+      const uint32_t k = key(c);
+      const int32_t ix = index(c);
+      if (k > best_k || (k == best_k && k != 0 && ix < best_i)) {
+        best_k = k;
+        best_i = ix;
+        best_c = c;
+      }
     }
-    return b;
   };
-  unsigned long long mine = scan();
+  scan();
   int found = 0;
-  for (int64_t it = 0; it < take; ++it) {
-    const unsigned long long best = warp_max(mine);
-    if (best == 0) break;
-    if (lane == 0) out[found] = best;
-    ++found;
-    if (mine == best) {
-      drop(best);
-      mine = scan();
+  for (; found < take; ++found) {
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best_k);
+    if (top == 0) break;
+    const int32_t ix = static_cast<int32_t>(__reduce_min_sync(
+        0xffffffffu, best_k == top ? static_cast<uint32_t>(best_i) : 0xffffffffu));
+    if (lane == 0) {
+      out_key[found] = top;
+      out_idx[found] = ix;
+    }
+    if (best_k == top && best_i == ix) {
+      drop(best_c);
+      scan();
     }
     __syncwarp();
   }
-  for (int64_t k = found + lane; k < take; k += 32) out[k] = 0ull;
+  for (int k = found + lane; k < take; k += 32) {
+    out_key[k] = 0u;
+    out_idx[k] = -1;
+  }
+  __syncwarp();
   return found;
 }
 
@@ -509,8 +556,10 @@ constexpr int kSelectThreads = 256;
 // blocks; reads of the three branches.
 __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
   extern __shared__ float score[];                   // [nb]
-  __shared__ unsigned long long cand[8 * 64];        // each warp's best `take` (0 = none)
-  __shared__ unsigned long long chosen[64];
+  __shared__ uint32_t cand_key[8 * 64];  // each warp's best `take` (key 0 = none)
+  __shared__ int32_t cand_idx[8 * 64];
+  __shared__ uint32_t chosen_key[64];
+  __shared__ int32_t chosen_idx[64];
   __shared__ int64_t all[67];
   __shared__ int n_chosen;
   pdl_wait();
@@ -555,25 +604,19 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   const int take = static_cast<int>(min(p.n_sel - nf, nb - forced_complete));
   if (take > 0) {
-    const int64_t per = (nb + n_warps - 1) / n_warps, lo = warp * per;
-    const int64_t n_mine = max(int64_t{0}, min(per, nb - lo));
+    const int per = static_cast<int>((nb + n_warps - 1) / n_warps), lo = warp * per;
+    const int n_mine = max(0, min(per, static_cast<int>(nb) - lo));
     warp_top(
-        n_mine, take, [&](int64_t j) { return rank_key(score[lo + j], lo + j); },
-        [&](unsigned long long key) { score[key_block(key)] = -1.f; }, cand + warp * 64);
+        n_mine, take, [&](int c) { return score_key(score[lo + c]); },
+        [&](int c) { return lo + c; }, [&](int c) { score[lo + c] = -1.f; },
+        cand_key + warp * 64, cand_idx + warp * 64);
     __syncthreads();
-    if (warp == 0) {
+    if (warp == 0) {  // candidate c is entry c % take of warp c / take
+      auto at = [&](int c) { return (c / take) * 64 + c % take; };
       const int found_all = warp_top(
-          n_warps * take, take,
-          [&](int64_t k) {
-            const int kk = static_cast<int>(k);
-            return cand[(kk / take) * 64 + kk % take];
-          },
-          [&](unsigned long long key) {
-            unsigned long long* list = cand + (key_block(key) / per) * 64;  // its warp's list
-            for (int k = 0; k < take; ++k)
-              if (list[k] == key) list[k] = 0ull;
-          },
-          chosen);
+          n_warps * take, take, [&](int c) { return cand_key[at(c)]; },
+          [&](int c) { return cand_idx[at(c)]; }, [&](int c) { cand_key[at(c)] = 0u; },
+          chosen_key, chosen_idx);
       if (lane == 0) n_chosen = found_all;
     }
   } else if (threadIdx.x == 0) {
@@ -583,7 +626,7 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   if (threadIdx.x == 0) {
     int64_t n = 0;
     for (int64_t k = 0; k < nf; ++k) all[n++] = forced[k];
-    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = key_block(chosen[k]);
+    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = chosen_idx[k];
     for (int64_t a = 1; a < n; ++a) {  // insertion sort, n <= n_sel
       const int64_t v = all[a];
       int64_t b = a - 1;
@@ -614,13 +657,14 @@ __global__ void nsa_combine_kernel(StepParams p) {
   pdl_wait();
   pdl_launch_dependents();
   const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
+  // Independent loads first, so their latencies overlap.
+  const float gate[3] = {p.gates[rg * 3], p.gates[rg * 3 + 1], p.gates[rg * 3 + 2]};
+  const int64_t sel_tokens = p.reads[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
-  const float* gate = p.gates + rg * 3;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
   const int64_t first[3] = {0, p.n_cmp_splits + p.n_win_splits, p.n_cmp_splits};
-  int64_t count[3] = {splits_used(n_cmp, p.n_cmp_splits),
-                      splits_used(p.reads[rg * 3 + 1], p.n_sel_splits),
+  int64_t count[3] = {splits_used(n_cmp, p.n_cmp_splits), splits_used(sel_tokens, p.n_sel_splits),
                       splits_used(n_win, p.n_win_splits)};
   for (int k = 0; k < 3; ++k) {
     if (!p.compute_all && gate[k] == 0.f) count[k] = 0;  // skipped branch: no partials written
