@@ -351,31 +351,44 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.g_hid = c_.gate_hidden;
   p.cap = cache.cap;
   p.cap_cmp = cache.cap_cmp;
-  // Split plan, whole 64-key tiles per split: about 2 waves of attention blocks (2 resident per
-  // SM) over the cmp + window keys, one wave over the selected keys. Longer splits amortise a
-  // block's fixed latency (parameters, first tile, merge); more splits fill the GPU. Planned for
-  // the length after this call; the device sizes the splits from the actual length, so a graph
-  // replayed over later steps stays correct.
+  // Split plan, whole 64-key tiles per split. Tiles per split are chosen to minimise
+  // waves x (tiles + kFixedTiles), waves of 2 blocks per SM: longer splits amortise a block's
+  // fixed latency (parameters, first tile, merge), more splits fill the GPU, and a last wave
+  // that is nearly empty costs as much as a full one. Planned for the length after this call;
+  // the device sizes the splits from the actual length, so a graph replayed over later steps
+  // stays correct.
   const int64_t L = cache.length + T, tile = cuda::kTileKeys;
   const int64_t cmp_tiles = (core::num_cmp(L, c_.l, c_.d) + tile - 1) / tile;
   const int64_t win_tiles = (std::min(c_.w, L) + tile - 1) / tile;
   const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
-  const int64_t target0 = int64_t{4} * sms_, target1 = int64_t{2} * sms_;
-  const int64_t RG = std::max<int64_t>(1, R * c_.groups);
-  int64_t per0 = std::max<int64_t>(1, ((cmp_tiles + win_tiles) * RG + target0 - 1) / target0);
-  int64_t per1 = std::max<int64_t>(1, (sel_tiles * RG + target1 - 1) / target1);
-  if (tiles_per_split_ > 0) per0 = per1 = tiles_per_split_;
-  auto splits = [](int64_t tiles, int64_t per) {
+  const int64_t RG = std::max<int64_t>(1, R * c_.groups), slots = int64_t{2} * sms_;
+  constexpr int64_t kFixedTiles = 3;
+  auto n_splits = [](int64_t tiles, int64_t per) {
     return std::clamp<int64_t>((tiles + per - 1) / per, 1, cuda::kMaxSplits);
   };
-  p.n_cmp_splits = splits(cmp_tiles, per0);
-  p.n_win_splits = splits(win_tiles, per0);
-  p.n_sel_splits = splits(sel_tiles, per1);
+  auto best_per = [&](int64_t a, int64_t b) {
+    int64_t best = 1, best_cost = INT64_MAX;
+    for (int64_t per = 1; per <= std::max<int64_t>({a, b, 1}); ++per) {
+      const int64_t blocks = RG * (n_splits(a, per) + (b > 0 ? n_splits(b, per) : 0));
+      const int64_t cost = (blocks + slots - 1) / slots * (per + kFixedTiles);
+      if (cost < best_cost) {
+        best = per;
+        best_cost = cost;
+      }
+    }
+    return best;
+  };
+  int64_t per0 = best_per(cmp_tiles, win_tiles), per1 = best_per(sel_tiles, 0);
+  if (tiles_per_split_ > 0) per0 = per1 = tiles_per_split_;
+  p.n_cmp_splits = n_splits(cmp_tiles, per0);
+  p.n_win_splits = n_splits(win_tiles, per0);
+  p.n_sel_splits = n_splits(sel_tiles, per1);
   p.gate_sigmoid = c_.gate == GateKind::kSigmoid;
   p.gate_temp = static_cast<float>(c_.gate_temp);
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c_.dk)));
   p.rope_theta = c_.rope_theta;
   p.compute_all = compute_all;
+  p.pdl = pdl_ ? 1 : 0;
   p.len = cache.len.as<int64_t>();
   p.len_out = advance > 0 ? cache.len.as<int64_t>() : nullptr;
   p.advance = advance;

@@ -41,15 +41,17 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
 // Programmatic dependent launch (Hopper): a kernel lets the next one in the stream start its
 // blocks early (launch_dependents) and waits for its predecessor's results (wait) before it
 // touches them. Both are no-ops on older GPUs and without the launch attribute.
-__device__ __forceinline__ void pdl_wait() {
+// `enabled` is 0 when the backend launches without the attribute: the instructions are then
+// not executed at all (compute-sanitizer's racecheck cannot handle them).
+__device__ __forceinline__ void pdl_wait(int enabled) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (enabled) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 
-__device__ __forceinline__ void pdl_launch_dependents() {
+__device__ __forceinline__ void pdl_launch_dependents(int enabled) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  if (enabled) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

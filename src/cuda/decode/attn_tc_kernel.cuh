@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(128, STAGES <= 2 ? 2 : 1)
   using Sh = TcShape<DK, DV, STAGES>;
   constexpr int kTile = static_cast<int>(kTileKeys);
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
   T* pipe = reinterpret_cast<T*>(smem_raw);

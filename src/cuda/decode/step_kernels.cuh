@@ -62,8 +62,8 @@ template <typename T>
 __global__ void __launch_bounds__(kPrepareThreads) nsa_prepare_kernel(StepParams p, int emit) {
   // cos[dk/2], sin[dk/2] (double), then the rotated queries as stored qr[h][dk], u[dk], hid[g_hid]
   extern __shared__ double rope_smem[];
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   const RowInfo ri = row_info(p, blockIdx.x);
   const int64_t g = blockIdx.y;
   const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
@@ -174,8 +174,8 @@ inline size_t prepare_smem_bytes(int64_t h, int64_t dk, int64_t g_hid) {
 // Emission only, per (row, group): prefill launches and cache filling.
 template <typename T>
 __global__ void nsa_emit_kernel(StepParams p) {
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   emit_compressed<T>(p, row_info(p, blockIdx.x), blockIdx.y);
 }
 
@@ -316,8 +316,8 @@ __device__ __forceinline__ float* partial_out(const StepParams& p, const Split& 
 template <typename T>
 __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
   extern __shared__ float smem[];
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   __shared__ int32_t blocks_s[64];
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
@@ -476,6 +476,57 @@ __device__ __forceinline__ int warp_top(int n, int take, Key key, Index index, D
   return found;
 }
 
+// warp_top for n <= 32 * N candidates held in registers (N per lane): a round is two REDUX
+// instructions and, for the winning lane only, a rescan of its N registers.
+template <int N, typename Key, typename Index>
+__device__ __forceinline__ int warp_top_regs(int n, int take, Key key, Index index,
+                                             uint32_t* out_key, int32_t* out_idx) {
+  const int lane = threadIdx.x % 32;
+  uint32_t k[N];
+  int32_t ix[N];
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    const int c = lane + 32 * u;
+    k[u] = c < n ? key(c) : 0u;
+    ix[u] = c < n ? index(c) : INT32_MAX;
+  }
+  uint32_t best_k = 0;
+  int32_t best_i = INT32_MAX;
+  auto scan = [&]() {
+    best_k = 0;
+    best_i = INT32_MAX;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const bool better = k[u] > best_k || (k[u] == best_k && k[u] != 0 && ix[u] < best_i);
+      best_k = better ? k[u] : best_k;
+      best_i = better ? ix[u] : best_i;
+    }
+  };
+  scan();
+  int found = 0;
+  for (; found < take; ++found) {
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best_k);
+    if (top == 0) break;
+    const int32_t win = static_cast<int32_t>(__reduce_min_sync(
+        0xffffffffu, best_k == top ? static_cast<uint32_t>(best_i) : 0xffffffffu));
+    if (lane == 0) {
+      out_key[found] = top;
+      out_idx[found] = win;
+    }
+    if (best_k == top && best_i == win) {
+#pragma unroll
+      for (int u = 0; u < N; ++u) k[u] = ix[u] == win ? 0u : k[u];
+      scan();
+    }
+  }
+  for (int c = found + lane; c < take; c += 32) {
+    out_key[c] = 0u;
+    out_idx[c] = -1;
+  }
+  __syncwarp();
+  return found;
+}
+
 // Scores of selection blocks [j0, j0 + kScoreBlocks) per (row, group): the group's p_cmp summed
 // over its heads (the overlap weights do not depend on the head), spread by overlap. Grid:
 // (row, group) x chunks of blocks, so every SM takes part in reading the logits.
@@ -488,8 +539,8 @@ __host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_se
 
 __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
   extern __shared__ float smem[];  // M[h], 1/S[h], head-summed p_cmp of the chunk's span
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
@@ -561,9 +612,9 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   __shared__ uint32_t chosen_key[64];
   __shared__ int32_t chosen_idx[64];
   __shared__ int64_t all[67];
-  __shared__ int n_chosen;
-  pdl_wait();
-  pdl_launch_dependents();
+  __shared__ int n_chosen, n_tokens;
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
@@ -606,41 +657,48 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   if (take > 0) {
     const int per = static_cast<int>((nb + n_warps - 1) / n_warps), lo = warp * per;
     const int n_mine = max(0, min(per, static_cast<int>(nb) - lo));
-    warp_top(
-        n_mine, take, [&](int c) { return score_key(score[lo + c]); },
-        [&](int c) { return lo + c; }, [&](int c) { score[lo + c] = -1.f; },
-        cand_key + warp * 64, cand_idx + warp * 64);
+    auto key = [&](int c) { return score_key(score[lo + c]); };
+    auto index = [&](int c) { return lo + c; };
+    if (n_mine <= 32 * 16) {
+      warp_top_regs<16>(n_mine, take, key, index, cand_key + warp * 64, cand_idx + warp * 64);
+    } else {
+      warp_top(n_mine, take, key, index, [&](int c) { score[lo + c] = -1.f; },
+               cand_key + warp * 64, cand_idx + warp * 64);
+    }
     __syncthreads();
-    if (warp == 0) {  // candidate c is entry c % take of warp c / take
+    if (warp == 0) {  // candidate c is entry c % take of warp c / take: at most 8 * 64
       auto at = [&](int c) { return (c / take) * 64 + c % take; };
-      const int found_all = warp_top(
+      const int found_all = warp_top_regs<16>(
           n_warps * take, take, [&](int c) { return cand_key[at(c)]; },
-          [&](int c) { return cand_idx[at(c)]; }, [&](int c) { cand_key[at(c)] = 0u; },
-          chosen_key, chosen_idx);
+          [&](int c) { return cand_idx[at(c)]; }, chosen_key, chosen_idx);
       if (lane == 0) n_chosen = found_all;
     }
   } else if (threadIdx.x == 0) {
     n_chosen = 0;
   }
   __syncthreads();
+  // Forced and chosen blocks (all distinct), sorted by rank, their tokens summed; in parallel.
+  const int64_t n = nf + n_chosen;
+  int64_t v = -1;
+  if (threadIdx.x < n) {
+    v = threadIdx.x < nf ? forced[threadIdx.x] : chosen_idx[threadIdx.x - nf];
+    all[threadIdx.x] = v;
+  }
+  if (threadIdx.x == 0) n_tokens = 0;
+  __syncthreads();
+  if (threadIdx.x < n) {
+    int rank = 0;
+    for (int64_t e = 0; e < n; ++e) rank += all[e] < v;
+    blocks[rank] = static_cast<int32_t>(v);
+    atomicAdd(&n_tokens, static_cast<int>(min((v + 1) * p.l_sel, ri.L) - v * p.l_sel));
+  } else if (threadIdx.x < p.n_sel) {
+    blocks[threadIdx.x] = -1;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    int64_t n = 0;
-    for (int64_t k = 0; k < nf; ++k) all[n++] = forced[k];
-    for (int64_t k = 0; k < n_chosen; ++k) all[n++] = chosen_idx[k];
-    for (int64_t a = 1; a < n; ++a) {  // insertion sort, n <= n_sel
-      const int64_t v = all[a];
-      int64_t b = a - 1;
-      for (; b >= 0 && all[b] > v; --b) all[b + 1] = all[b];
-      all[b + 1] = v;
-    }
-    int64_t tokens = 0;
-    for (int64_t k = 0; k < p.n_sel; ++k) {
-      blocks[k] = k < n ? static_cast<int32_t>(all[k]) : -1;
-      if (k < n) tokens += min((all[k] + 1) * p.l_sel, ri.L) - all[k] * p.l_sel;
-    }
     p.sel_count[rg] = static_cast<int32_t>(n);
     rd[0] = static_cast<int32_t>(n_cmp);
-    rd[1] = static_cast<int32_t>(tokens);
+    rd[1] = n_tokens;
     rd[2] = static_cast<int32_t>(n_win);
   }
 }
@@ -654,8 +712,8 @@ inline size_t select_smem_bytes(int64_t nb_cap) { return sizeof(float) * static_
 template <typename T>
 __global__ void nsa_combine_kernel(StepParams p) {
   __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
   // Independent loads first, so their latencies overlap.
   const float gate[3] = {p.gates[rg * 3], p.gates[rg * 3 + 1], p.gates[rg * 3 + 2]};

@@ -24,6 +24,7 @@ struct StepParams {
   float scale;  // 1/sqrt(dk)
   double rope_theta;
   int compute_all;  // 1: never skip zero-gated branches (inspection)
+  int pdl;          // 1: launched with programmatic dependent launch
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)
