@@ -8,12 +8,13 @@ OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 MODE=${1:-full}
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# At most 8 files come back from a device call: summary.txt, ctest.log, sanitizer.log, ncu.log
+# and the benchmark CSVs.
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
 log "build"
 cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DNSA_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="90a;80" > "$OUT/build.log" 2>&1 &&
-  cmake --build build-dev -j 16 >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-grep -E "registers|spill" "$OUT/build.log" | head -20
+  -DCMAKE_CUDA_ARCHITECTURES="90a;80" > build-dev.log 2>&1 &&
+  cmake --build build-dev -j 16 >> build-dev.log 2>&1 || { tail -40 build-dev.log | tee -a "$OUT/summary.txt"; exit 1; }
 NSA=./build-dev/nsa
 $NSA info | tee -a "$OUT/summary.txt"
 
@@ -29,18 +30,19 @@ for tool in memcheck racecheck; do
   # launch (it failed with an internal sanitizer error on griddepcontrol in our test runs).
   pdl=1; [ $tool = racecheck ] && pdl=0
   NSA_CUDA_PDL=$pdl compute-sanitizer --tool $tool --kernel-name kns=nsa_ --error-exitcode 9 ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)" | tee -a "$OUT/summary.txt"
-  grep -E -A6 "^========= (Error|Invalid|Race|.*hazard)" "$OUT/sanitizer_$tool.log" | head -40
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > sanitizer_$tool.log 2>&1
+  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' sanitizer_$tool.log | tail -1)" | tee -a "$OUT/summary.txt"
+  { echo "== $tool"; cat sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
+  grep -E -A6 "^========= (Error|Invalid|Race|Internal|.*hazard)" sanitizer_$tool.log | head -40
 done
 [ "$MODE" = quick ] && exit 0
 
 log "seed decode benchmark on the GPU"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
-  --device cuda --csv "$OUT/decode_cuda_seed.csv" --json "$OUT/decode_cuda_seed.json" | tee -a "$OUT/summary.txt"
+  --device cuda --csv "$OUT/decode_cuda_seed.csv" | tee -a "$OUT/summary.txt"
 log "seed decode benchmark, programmatic dependent launch off (NSA_CUDA_PDL=0), same run"
 NSA_CUDA_PDL=0 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
-  --device cuda --csv "$OUT/decode_cuda_seed_nopdl.csv" | tee -a "$OUT/summary.txt"
+  --device cuda | tee -a "$OUT/summary.txt"
 
 log "paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), bf16, random-filled cache"
 for B in 1 16; do
@@ -52,5 +54,5 @@ log "dense attention decode (PyTorch SDPA) on the same GPU"
 PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
 [ "$MODE" = full ] || exit 0
 log "per-kernel profile, B 16, S 64k, bf16 (ncu)"
-scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
+NCU_SKIP=9 NCU_COUNT=16 scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
   --iters 8 --warmup 2 --device cuda --dtype bf16 --fill random | tee -a "$OUT/summary.txt"

@@ -351,7 +351,9 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.g_hid = c_.gate_hidden;
   p.cap = cache.cap;
   p.cap_cmp = cache.cap_cmp;
-  // Split plan, whole 64-key tiles per split. Tiles per split are chosen to minimise
+  // Split plan: the cmp keys in phase 0, the selected and the window keys in phase 1 (the
+  // window does not wait for the selection, but there it keeps phase 0's blocks all equally
+  // long). Whole 64-key tiles per split; tiles per split are chosen to minimise
   // waves x (tiles + kFixedTiles), waves of 2 blocks per SM: longer splits amortise a block's
   // fixed latency (parameters, first tile, merge), more splits fill the GPU, and a last wave
   // that is nearly empty costs as much as a full one. Planned for the length after this call;
@@ -378,10 +380,10 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
     }
     return best;
   };
-  int64_t per0 = best_per(cmp_tiles, win_tiles), per1 = best_per(sel_tiles, 0);
+  int64_t per0 = best_per(cmp_tiles, 0), per1 = best_per(sel_tiles, win_tiles);
   if (tiles_per_split_ > 0) per0 = per1 = tiles_per_split_;
   p.n_cmp_splits = n_splits(cmp_tiles, per0);
-  p.n_win_splits = n_splits(win_tiles, per0);
+  p.n_win_splits = n_splits(win_tiles, per1);
   p.n_sel_splits = n_splits(sel_tiles, per1);
   p.gate_sigmoid = c_.gate == GateKind::kSigmoid;
   p.gate_temp = static_cast<float>(c_.gate_temp);
@@ -496,15 +498,15 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
       attn_smem = tc_smem;
     }
   }
-  const auto splits0 = static_cast<unsigned>(p.n_cmp_splits + p.n_win_splits);
-  launch(attn, dim3(RG, splits0), dim3(128), attn_smem, p, 0);
+  launch(attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p, 0);
   const auto score_chunks =
       static_cast<unsigned>((p.nb_cap + cuda::kScoreBlocks - 1) / cuda::kScoreBlocks);
   launch(cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch(cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  launch(attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem, p, 1);
+  launch(attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)), dim3(128),
+         attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   launch(cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)), dim3(combine_threads),

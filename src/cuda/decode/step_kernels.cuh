@@ -180,9 +180,10 @@ __global__ void nsa_emit_kernel(StepParams p) {
 }
 
 // --- 3. Split attention: one (row, group, key range) per block, all h heads at once ------------
-// phase 0: n_cmp_splits compressed splits (logits kept for scoring), then n_win_splits window
-// splits. phase 1: n_sel_splits splits over the selected blocks' tokens. Every branch is a
-// sequence of keys ("virtual" indices 0 .. n-1) mapped to cache positions by key_pos.
+// phase 0: n_cmp_splits compressed splits (logits kept for scoring). phase 1 (after the
+// selection): n_sel_splits splits over the selected blocks' tokens, then n_win_splits window
+// splits. Partial slots: cmp, window, sel. Every branch is a sequence of keys ("virtual" indices
+// 0 .. n-1) mapped to cache positions by key_pos.
 struct Split {
   int64_t rg, r, g, index;  // index: slot of this split in the partial arrays
   int64_t start, n;         // this split's virtual keys [start, start + n)
@@ -218,7 +219,7 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   const void* K;
   const void* V;
   int64_t cap = p.cap;
-  if (phase == 0 && s < p.n_cmp_splits) {
+  if (phase == 0) {
     sp.branch = 0;
     sp.index = s;
     total = num_cmp(ri.L, p.l, p.d);
@@ -226,10 +227,10 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
     K = p.k_cmp;
     V = p.v_cmp;
     cap = p.cap_cmp;
-  } else if (phase == 0) {
+  } else if (s >= p.n_sel_splits) {
     sp.branch = 2;
-    sp.index = s;
-    s -= p.n_cmp_splits;
+    s -= p.n_sel_splits;
+    sp.index = p.n_cmp_splits + s;
     sp.base = max(int64_t{0}, ri.t - p.w + 1);
     total = p.w > 0 ? ri.L - sp.base : 0;
     splits = p.n_win_splits;
