@@ -174,7 +174,11 @@ class CudaBackend final : public Backend {
   // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
   // drains (programmatic dependent launch; the kernels wait for their inputs).
   template <typename... Params, typename... Args>
-  void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args);
+  void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+              Args... args);
+  // With probes_ set (NSA_CUDA_KERNEL_TIMES, eager steps only), an event follows each kernel.
+  void probe(const char* name);
+  std::vector<std::pair<const char*, cudaEvent_t>>* probes_ = nullptr;
 
   Config c_;
   DType dtype_;
@@ -433,9 +437,17 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
   return params(cache, T, row0, R, compute_all, advance);
 }
 
+void CudaBackend::probe(const char* name) {
+  if (probes_ == nullptr) return;
+  cudaEvent_t e = nullptr;
+  NSA_CUDA_CHECK(cudaEventCreate(&e));
+  NSA_CUDA_CHECK(cudaEventRecord(e, stream_));
+  probes_->emplace_back(name, e);
+}
+
 template <typename... Params, typename... Args>
-void CudaBackend::launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                         Args... args) {
+void CudaBackend::launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t smem, Args... args) {
   // Static plus dynamic shared memory above 48 KiB needs the opt-in, so always state it.
   NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
@@ -450,6 +462,7 @@ void CudaBackend::launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   cfg.attrs = &attr;
   cfg.numAttrs = pdl_ ? 1 : 0;
   NSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+  probe(name);
 }
 
 using AttnKernel = void (*)(StepParams, int);
@@ -485,9 +498,9 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   // A decode step (one token per sequence) emits inside the prepare kernel; prefill rows of one
   // sequence are spread over blocks, so their emission runs after every row is appended.
   const int emit_inside = p.T == 1 ? 1 : 0;
-  launch(cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(cuda::kPrepareThreads),
+  launch("prepare", cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(cuda::kPrepareThreads),
          cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, emit_inside);
-  if (!emit_inside) launch(cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
+  if (!emit_inside) launch("emit", cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   // Tensor cores for 16-bit storage when the group fits the MMA rows; fp32 FFMA otherwise.
   size_t attn_smem = cuda::ffma_smem_bytes(p.h, p.dk, p.dv);
   AttnKernel attn = cuda::nsa_attn_split_kernel<T>;
@@ -498,18 +511,18 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
       attn_smem = tc_smem;
     }
   }
-  launch(attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p, 0);
+  launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p, 0);
   const auto score_chunks =
       static_cast<unsigned>((p.nb_cap + cuda::kScoreBlocks - 1) / cuda::kScoreBlocks);
-  launch(cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
+  launch("score", cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
-  launch(cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
+  launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  launch(attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)), dim3(128),
+  launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)), dim3(128),
          attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
-  launch(cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)), dim3(combine_threads),
+  launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)), dim3(combine_threads),
          0, p);
 }
 
@@ -524,6 +537,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
                                   w_in_.get(), t, static_cast<int>(c_.dim), x_dev, t,
                                   static_cast<int>(c_.dim), &zero, proj_.get(), CUDA_R_32F,
                                   static_cast<int>(P_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    probe("gemm_in");
   }
   switch (dtype_) {
     case DType::kF32:
@@ -544,6 +558,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
                                 static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
                                 HDV, &zero, y_dev, CUDA_R_32F, static_cast<int>(c_.dim),
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  probe("gemm_out");
 }
 
 void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y,
@@ -648,7 +663,12 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
                                              bool attention_only) {
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, n = static_cast<int64_t>(xs.size());
-  reserve(cache, cache.length + n);
+  // Development aid: NSA_CUDA_KERNEL_TIMES=1 first runs the same steps eagerly with an event
+  // after every kernel and prints each kernel's median time to stderr (the cache then advances
+  // by 2 n steps).
+  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
+  const bool kernel_times = kt_env != nullptr && std::string_view(kt_env) == "1";
+  reserve(cache, cache.length + (kernel_times ? 2 * n : n));
   std::vector<uint8_t> host;
   for (const float* x : xs) {
     const auto s = to_storage(x, B * c_.dim, dtype_);
@@ -657,6 +677,36 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   DeviceBuffer pool(host.size());
   NSA_CUDA_CHECK(cudaMemcpy(pool.get(), host.data(), host.size(), cudaMemcpyHostToDevice));
   const StepParams p = prepared(cache, 1, 0, B, false, 1);
+  const size_t step_bytes = static_cast<size_t>(B * c_.dim) * esize_;
+  if (kernel_times) {
+    std::vector<std::pair<const char*, std::vector<float>>> per_kernel;
+    for (int64_t i = 0; i < n; ++i) {
+      NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes,
+                                     cudaMemcpyDeviceToDevice, stream_));
+      std::vector<std::pair<const char*, cudaEvent_t>> events;
+      probes_ = &events;
+      probe("start");
+      enqueue_step(p, x_.get(), y_.as<float>(), !attention_only);
+      probes_ = nullptr;
+      NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (per_kernel.empty()) {
+        for (size_t k = 1; k < events.size(); ++k) per_kernel.emplace_back(events[k].first, std::vector<float>{});
+      }
+      for (size_t k = 1; k < events.size() && i >= warmup; ++k) {
+        float ms = 0.f;
+        NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, events[k - 1].second, events[k].second));
+        per_kernel[k - 1].second.push_back(ms * 1000.f);
+      }
+      for (auto& e : events) cudaEventDestroy(e.second);
+    }
+    cache.length += n;
+    std::string line;
+    for (auto& [name, us] : per_kernel) {
+      std::sort(us.begin(), us.end());
+      line += fmt::format(" {} {:.1f}", name, us.empty() ? 0.f : us[us.size() / 2]);
+    }
+    fmt::print(stderr, "kernel us (median, eager):{}\n", line);
+  }
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   NSA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
@@ -665,7 +715,6 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   NSA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   std::vector<cudaEvent_t> ev(static_cast<size_t>(2 * n));
   for (auto& e : ev) NSA_CUDA_CHECK(cudaEventCreate(&e));
-  const size_t step_bytes = static_cast<size_t>(B * c_.dim) * esize_;
   for (int64_t i = 0; i < n; ++i) {
     NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes,
                                    cudaMemcpyDeviceToDevice, stream_));
