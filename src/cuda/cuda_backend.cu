@@ -186,7 +186,7 @@ class CudaBackend final : public Backend {
   int64_t P_;
   cudaStream_t stream_ = nullptr;
   int sms_ = 1;       // streaming multiprocessors of the device
-  bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=0 turns it off)
+  bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
   int tc_stages_ = 2;  // cp.async ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|4)
   cublasHandle_t blas_ = nullptr;
@@ -210,8 +210,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaGetDevice(&dev));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
-  pdl_ = major >= 9 && !(pdl_env != nullptr && std::string_view(pdl_env) == "0");
+  pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
   if (const char* stages = std::getenv("NSA_CUDA_TC_STAGES"); stages != nullptr) {
     tc_stages_ = std::atoi(stages);
     NSA_CHECK(tc_stages_ == 2 || tc_stages_ == 4,
