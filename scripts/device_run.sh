@@ -24,14 +24,18 @@ grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15 | 
 
 ./build-dev/tests/nsa_tests --gtest_filter='Cuda.*' 2>&1 | grep -E "^\[ cuda|PASSED|FAILED" | tee -a "$OUT/summary.txt"
 log "compute-sanitizer memcheck + racecheck"
+# racecheck also reports shared-memory hazards inside cuBLAS's own 16-bit GEMM kernels (nvjet_*),
+# which are not ours to fix; they are counted apart. (Filtering racecheck to our kernels with
+# --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
 for tool in memcheck racecheck; do
-  # Only our kernels: racecheck reports shared-memory hazards inside cuBLAS's own 16-bit GEMM
-  # kernels (nvjet_*), which are not ours to fix.
-  compute-sanitizer --tool $tool --kernel-name kns=nsa_ --error-exitcode 9 ./build-dev/tests/nsa_tests \
+  compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
     --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > sanitizer_$tool.log 2>&1
-  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' sanitizer_$tool.log | tail -1)" | tee -a "$OUT/summary.txt"
+  rc=$?
+  ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
+  theirs=$(grep -E "Race reported" sanitizer_$tool.log | grep -c "nvjet_")
+  echo "$tool rc=$rc, reports in our kernels: $ours, in cuBLAS nvjet kernels: $theirs; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' sanitizer_$tool.log | tail -1)" | tee -a "$OUT/summary.txt"
   { echo "== $tool"; cat sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
-  grep -E -A6 "^========= (Error|Invalid|Race|Internal|.*hazard)" sanitizer_$tool.log | head -40
+  grep -E -A6 "^========= (Error|Invalid|Race|Internal)" sanitizer_$tool.log | grep -v nvjet_ | head -20
 done
 [ "$MODE" = quick ] && exit 0
 
