@@ -188,7 +188,7 @@ class CudaBackend final : public Backend {
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
-  int tc_stages_ = 2;  // cp.async ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|4)
+  int tc_stages_ = 3;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
@@ -215,8 +215,8 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
   if (const char* stages = std::getenv("NSA_CUDA_TC_STAGES"); stages != nullptr) {
     tc_stages_ = std::atoi(stages);
-    NSA_CHECK(tc_stages_ == 2 || tc_stages_ == 4,
-              "NSA_CUDA_TC_STAGES: value '{}' is not valid; allowed: 2, 4", stages);
+    NSA_CHECK(tc_stages_ == 2 || tc_stages_ == 3,
+              "NSA_CUDA_TC_STAGES: value '{}' is not valid; allowed: 2, 3", stages);
   }
   if (const char* tiles = std::getenv("NSA_CUDA_TILES_PER_SPLIT"); tiles != nullptr) {
     tiles_per_split_ = std::atoll(tiles);
@@ -472,11 +472,11 @@ template <typename T, int DK, int DV>
 bool pick_tc(int64_t dk, int64_t dv, int stages, AttnKernel& kernel, size_t& smem) {
   if (dk != DK || dv != DV) return false;
   if (stages == 2) {
-    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2>;
-    smem = cuda::TcShape<DK, DV, 2>::kSmemBytes;
+    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
+    smem = cuda::TcShape<DK, DV, 2, 2>::kSmemBytes;
   } else {
-    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 4>;
-    smem = cuda::TcShape<DK, DV, 4>::kSmemBytes;
+    kernel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
+    smem = cuda::TcShape<DK, DV, 3, 2>::kSmemBytes;
   }
   return true;
 }

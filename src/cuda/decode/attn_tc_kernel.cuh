@@ -12,19 +12,24 @@
 
 namespace nsa::cuda {
 
-// STAGES tiles in the cp.async ring: STAGES - 1 load while one is computed.
-template <int DK, int DV, int STAGES>
+// cp.async rings of KS key tiles and VS value tiles (VS = KS or KS - 1). Group g of copies holds
+// K tile g and V tile g - (KS - VS): with KS = 3, VS = 2 the keys run two tiles ahead and the
+// values one, which fits two blocks per SM at dk 192, dv 128 (2 x 112 KB) with more bytes in
+// flight than a 2 + 2 ring.
+template <int DK, int DV, int KS, int VS>
 struct TcShape {
-  static constexpr int kStages = STAGES;
+  static constexpr int kKS = KS, kVS = VS, kLag = KS - VS;
   static constexpr int kWarps = 4;
   static constexpr int kLdK = DK + 8;  // 16-byte row padding: conflict-free ldmatrix
   static constexpr int kLdV = DV + 8;
-  static constexpr int kStageElems = static_cast<int>(kTileKeys) * (kLdK + kLdV);
-  static constexpr size_t kPipeBytes = size_t{kStages} * kStageElems * 2;
+  static constexpr int kKElems = static_cast<int>(kTileKeys) * kLdK;
+  static constexpr int kVElems = static_cast<int>(kTileKeys) * kLdV;
+  static constexpr size_t kPipeBytes = (size_t{KS} * kKElems + size_t{VS} * kVElems) * 2;
   // Epilogue (reuses the pipeline buffers): m and l per warp and row, then O per warp.
   static constexpr size_t kMergeBytes = (2 * kWarps * 16 + kWarps * 16 * DV) * sizeof(float);
   static constexpr size_t kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   static constexpr size_t kSmemBytes = kMainBytes + 64 * sizeof(int32_t);  // + selected blocks
+  static_assert(VS == KS || VS == KS - 1, "the value ring is as deep as the key ring or one less");
   static_assert(DK % 16 == 0 && DV % 16 == 0, "head dims must be multiples of 16");
 };
 
@@ -88,10 +93,24 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-template <typename T, int DK, int DV, int STAGES>
-__global__ void __launch_bounds__(128, STAGES <= 2 ? 2 : 1)
-    nsa_attn_tc_kernel(StepParams p, int phase) {
-  using Sh = TcShape<DK, DV, STAGES>;
+// cp.async copies of the tile of virtual keys [j0, j0 + nk) (W elements per row) into dst with
+// row stride LD; rows nk .. kTileKeys - 1 are zero-filled. 128 threads.
+template <int W, int LD, typename T>
+__device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Split& sp,
+                                                int64_t j0, int64_t nk) {
+  constexpr int kc = W / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int u = 0; u < static_cast<int>(kTileKeys) * kc / 128; ++u) {
+    const int i = threadIdx.x + 128 * u, row = i / kc, c = i % kc;
+    const bool ok = row < nk;
+    const T* src = base + (ok ? key_pos(sp, j0 + row) * W : 0) + c * 8;
+    cp_async16(smem_addr(dst + row * LD + c * 8), src, ok);
+  }
+}
+
+template <typename T, int DK, int DV, int KS, int VS>
+__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
+  using Sh = TcShape<DK, DV, KS, VS>;
   constexpr int kTile = static_cast<int>(kTileKeys);
   extern __shared__ __align__(128) unsigned char smem_raw[];
   pdl_wait(p.pdl);
@@ -111,32 +130,26 @@ __global__ void __launch_bounds__(128, STAGES <= 2 ? 2 : 1)
   const T* V = static_cast<const T*>(sp.V);
   const int64_t n_tiles = (sp.n + kTile - 1) / kTile;
 
-  // Issues the cp.async copies of tile `it` (rows past the split's end are zero-filled).
-  auto issue = [&](int64_t it) {
-    T* ks = pipe + (it % Sh::kStages) * Sh::kStageElems;
-    T* vs = ks + kTile * Sh::kLdK;
+  T* k_ring = pipe;
+  T* v_ring = pipe + Sh::kKS * Sh::kKElems;
+  // Issues the cp.async copies of key tile `it` or value tile `it` (rows past the split's end
+  // are zero-filled).
+  auto issue = [&](int64_t it, bool keys) {
     const int64_t j0 = sp.start + it * kTile;
     const int64_t nk = min(static_cast<int64_t>(kTile), sp.start + sp.n - j0);
-    constexpr int kc = DK / 8, vc = DV / 8;  // 16-byte chunks per row
-#pragma unroll
-    for (int u = 0; u < kTile * kc / 128; ++u) {
-      const int i = threadIdx.x + 128 * u, row = i / kc, c = i % kc;
-      const bool ok = row < nk;
-      const T* src = K + (ok ? key_pos(sp, j0 + row) * DK : 0) + c * 8;
-      cp_async16(smem_addr(ks + row * Sh::kLdK + c * 8), src, ok);
-    }
-#pragma unroll
-    for (int u = 0; u < kTile * vc / 128; ++u) {
-      const int i = threadIdx.x + 128 * u, row = i / vc, c = i % vc;
-      const bool ok = row < nk;
-      const T* src = V + (ok ? key_pos(sp, j0 + row) * DV : 0) + c * 8;
-      cp_async16(smem_addr(vs + row * Sh::kLdV + c * 8), src, ok);
+    if (keys) {
+      copy_tile_async<DK, Sh::kLdK>(k_ring + (it % Sh::kKS) * Sh::kKElems, K, sp, j0, nk);
+    } else {
+      copy_tile_async<DV, Sh::kLdV>(v_ring + (it % Sh::kVS) * Sh::kVElems, V, sp, j0, nk);
     }
   };
-  for (int s = 0; s < Sh::kStages - 1; ++s) {
-    if (s < n_tiles) issue(s);
+  // Copy group g: key tile g and value tile g - kLag.
+  auto issue_group = [&](int64_t g) {
+    if (g < n_tiles) issue(g, true);
+    if (g - Sh::kLag >= 0 && g - Sh::kLag < n_tiles) issue(g - Sh::kLag, false);
     cp_async_commit();
-  }
+  };
+  for (int g = 0; g < Sh::kKS - 1; ++g) issue_group(g);
 
   // Q as A fragments for the whole split: rows gid and gid + 8 (heads past h are zero).
   uint32_t qa[DK / 16][4];
@@ -162,12 +175,11 @@ __global__ void __launch_bounds__(128, STAGES <= 2 ? 2 : 1)
   float* logits = sp.branch == 0 ? p.cmp_logits + sp.rg * p.h * p.cap_cmp : nullptr;
 
   for (int64_t it = 0; it < n_tiles; ++it) {
-    if (it + Sh::kStages - 1 < n_tiles) issue(it + Sh::kStages - 1);
-    cp_async_commit();
-    cp_async_wait<Sh::kStages - 1>();
+    issue_group(it + Sh::kKS - 1);
+    cp_async_wait<Sh::kKS - 1 - Sh::kLag>();  // groups up to it + kLag: K and V of tile it
     __syncthreads();
-    const T* ks = pipe + (it % Sh::kStages) * Sh::kStageElems;
-    const T* vs = ks + kTile * Sh::kLdK;
+    const T* ks = k_ring + (it % Sh::kKS) * Sh::kKElems;
+    const T* vs = v_ring + (it % Sh::kVS) * Sh::kVElems;
     const int64_t j0 = sp.start + it * kTile;
     const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), sp.start + sp.n - j0));
     const int key0 = warp * 16;  // this warp's 16 keys of the tile
