@@ -156,10 +156,8 @@ TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
 TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
   REQUIRE_GPU();
   const Case cases[] = {
-      {4, 2, 64, 64, 3, 60, 12, DType::kBF16},
-      {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
-      {8, 2, 128, 128, 1, 700, 6, DType::kF16},
-      {2, 2, 32, 32, 3, 1, 40, DType::kF16},
+      {4, 2, 64, 64, 3, 60, 12, DType::kBF16},     {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
+      {8, 2, 128, 128, 1, 700, 6, DType::kF16},    {2, 2, 32, 32, 3, 1, 40, DType::kF16},
       {32, 2, 128, 128, 3, 300, 4, DType::kBF16},   // h = 16, B = 3
       {16, 1, 192, 128, 1, 4990, 8, DType::kBF16},  // contexts up to 4998
       {8, 4, 64, 64, 2, 1500, 6, DType::kF16},      // h = 2, G = 4
@@ -184,7 +182,8 @@ TEST(Cuda, TensorCorePathSmall) {
   REQUIRE_GPU();
   for (const char* stages : {"2", "3"}) {
     for (const char* tiles : {"", "2"}) {
-      SCOPED_TRACE(fmt::format("NSA_CUDA_TC_STAGES={} NSA_CUDA_TILES_PER_SPLIT='{}'", stages, tiles));
+      SCOPED_TRACE(
+          fmt::format("NSA_CUDA_TC_STAGES={} NSA_CUDA_TILES_PER_SPLIT='{}'", stages, tiles));
       ::setenv("NSA_CUDA_TC_STAGES", stages, 1);
       if (*tiles != 0) ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
       const Case cases[] = {

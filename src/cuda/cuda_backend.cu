@@ -195,8 +195,8 @@ class CudaBackend final : public Backend {
   // Workspace for up to ws_rows_ rows and ws_slots_ split partials per group (grown outside
   // graph capture only).
   int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_ = 0;
-  DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_, sel_blocks_, sel_count_,
-      reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
+  DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
+      sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
 
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
@@ -220,8 +220,10 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   }
   if (const char* tiles = std::getenv("NSA_CUDA_TILES_PER_SPLIT"); tiles != nullptr) {
     tiles_per_split_ = std::atoll(tiles);
-    NSA_CHECK(tiles_per_split_ >= 1, "NSA_CUDA_TILES_PER_SPLIT: value '{}' is not valid; allowed: "
-              "an integer >= 1", tiles);
+    NSA_CHECK(tiles_per_split_ >= 1,
+              "NSA_CUDA_TILES_PER_SPLIT: value '{}' is not valid; allowed: "
+              "an integer >= 1",
+              tiles);
   }
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
@@ -268,9 +270,7 @@ std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
 // Grows the cache to hold `tokens` positions per sequence, keeping its contents.
 void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   if (tokens <= cache.cap) return;
-  auto sel_smem = [&](int64_t cap) {
-    return cuda::select_smem_bytes(cap / c_.l_sel + 1);
-  };
+  auto sel_smem = [&](int64_t cap) { return cuda::select_smem_bytes(cap / c_.l_sel + 1); };
   // The selection kernel keeps the block scores of a sequence in shared memory.
   NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,
             "context of {} tokens per sequence exceeds the CUDA backend's limit (the selection "
@@ -432,9 +432,8 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
 }
 
 StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
-                                bool compute_all, int64_t advance) {
-  ensure_workspace(R, cuda::n_splits_total(params(cache, T, row0, R, compute_all, advance)),
-                   cache);
+                                 bool compute_all, int64_t advance) {
+  ensure_workspace(R, cuda::n_splits_total(params(cache, T, row0, R, compute_all, advance)), cache);
   return params(cache, T, row0, R, compute_all, advance);
 }
 
@@ -512,19 +511,20 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
       attn_smem = tc_smem;
     }
   }
-  launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p, 0);
+  launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p,
+         0);
   const auto score_chunks =
       static_cast<unsigned>((p.nb_cap + cuda::kScoreBlocks - 1) / cuda::kScoreBlocks);
   launch("score", cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)), dim3(128),
-         attn_smem, p, 1);
+  launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
+         dim3(128), attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
-  launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)), dim3(combine_threads),
-         0, p);
+  launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)),
+         dim3(combine_threads), 0, p);
 }
 
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
@@ -691,7 +691,8 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
       probes_ = nullptr;
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
       if (per_kernel.empty()) {
-        for (size_t k = 1; k < events.size(); ++k) per_kernel.emplace_back(events[k].first, std::vector<float>{});
+        for (size_t k = 1; k < events.size(); ++k)
+          per_kernel.emplace_back(events[k].first, std::vector<float>{});
       }
       for (size_t k = 1; k < events.size() && i >= warmup; ++k) {
         float ms = 0.f;

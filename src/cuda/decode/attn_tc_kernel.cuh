@@ -96,8 +96,8 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // cp.async copies of the tile of virtual keys [j0, j0 + nk) (W elements per row) into dst with
 // row stride LD; rows nk .. kTileKeys - 1 are zero-filled. 128 threads.
 template <int W, int LD, typename T>
-__device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Split& sp,
-                                                int64_t j0, int64_t nk) {
+__device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Split& sp, int64_t j0,
+                                                int64_t nk) {
   constexpr int kc = W / 8;  // 16-byte chunks per row
 #pragma unroll
   for (int u = 0; u < static_cast<int>(kTileKeys) * kc / 128; ++u) {
@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
       for (int e = 0; e < 4; ++e) {
         const int key = key0 + nt * 8 + tig * 2 + (e & 1), row = gid + (e >> 1) * 8;
         const bool ok = key < nk;
-        if (logits != nullptr && ok && row < h) logits[row * p.cap_cmp + j0 + key] = s[nt][e] * p.scale;
+        if (logits != nullptr && ok && row < h)
+          logits[row * p.cap_cmp + j0 + key] = s[nt][e] * p.scale;
         s[nt][e] = ok ? s[nt][e] * scale2 : -INFINITY;
       }
       mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
@@ -237,7 +238,8 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
 #pragma unroll
     for (int nd = 0; nd < DV / 16; ++nd) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, smem_addr(vs + (key0 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
+      ldmatrix_x4_trans(
+          b, smem_addr(vs + (key0 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
       mma16816<T>(o[2 * nd], pa, b[0], b[1]);
       mma16816<T>(o[2 * nd + 1], pa, b[2], b[3]);
     }

@@ -39,15 +39,14 @@ __device__ __forceinline__ bool branch_needed(const StepParams& p, const float* 
 // step (T = 1) this block wrote position t itself, so it emits too (emit = 1); a prefill launch
 // has other rows of the same sequence in other blocks and runs nsa_emit_kernel afterwards.
 template <typename T>
-__device__ __forceinline__ void emit_compressed(const StepParams& p, const RowInfo& ri,
-                                                int64_t g) {
+__device__ __forceinline__ void emit_compressed(const StepParams& p, const RowInfo& ri, int64_t g) {
   if (ri.L < p.l || (ri.L - p.l) % p.d != 0) return;
   const int64_t i = (ri.L - p.l) / p.d;
   for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
     const bool key = e < p.dk;
     const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
-    const T* raw =
-        static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) + cache_at(p, ri.b, g, 0, width, p.cap);
+    const T* raw = static_cast<const T*>(key ? p.k_cmp_raw : p.v_cmp_raw) +
+                   cache_at(p, ri.b, g, 0, width, p.cap);
     float s = 0.f;
 #pragma unroll 8
     for (int64_t pos = ri.L - p.l; pos < ri.L; ++pos) s += to_f32(raw[pos * width + col]);
@@ -329,7 +328,7 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
   }
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
-  const int kst = dk + 1;  // odd row stride: the threads of a warp read 32 different banks
+  const int kst = dk + 1;        // odd row stride: the threads of a warp read 32 different banks
   float* qs = smem;              // [h][dk], pre-scaled
   float* ks = qs + h * dk;       // [kTile][dk + 1]
   float* vs = ks + kTile * kst;  // [kTile][dv]
@@ -420,112 +419,13 @@ inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
 }
 
 // --- 4. Block scores, top-n selection, reads, per (row, group) ------------------------------
-// Candidates rank by score (higher first), then block index (lower first). key = float bits + 1
-// (scores are >= 0, so the bit patterns order like the values), 0 = not a candidate.
-__device__ __forceinline__ uint32_t score_key(float score) {
-  return score >= 0.f ? __float_as_uint(score) + 1u : 0u;
-}
-
-// Top `take` of the candidates c in [0, n) by `take` rounds of warp argmax (one warp, REDUX
-// max on the key, then min on the index among the lanes holding it): each lane keeps its best,
-// the winner drops it and rescans. key(c) and index(c) describe candidate c; drop(c) removes it.
-// Writes the winners' keys and indices to out_key / out_idx [0, take), 0 / -1 past the last;
-// returns how many exist.
-template <typename Key, typename Index, typename Drop>
-__device__ __forceinline__ int warp_top(int n, int take, Key key, Index index, Drop drop,
-                                        uint32_t* out_key, int32_t* out_idx) {
-  const int lane = threadIdx.x % 32;
-  int best_c = -1;
-  uint32_t best_k = 0;
-  int32_t best_i = INT32_MAX;
-  auto scan = [&]() {
-    best_c = -1;
-    best_k = 0;
-    best_i = INT32_MAX;
-    for (int c = lane; c < n; c += 32) {
-      const uint32_t k = key(c);
-      const int32_t ix = index(c);
-      if (k > best_k || (k == best_k && k != 0 && ix < best_i)) {
-        best_k = k;
-        best_i = ix;
-        best_c = c;
-      }
-    }
-  };
-  scan();
-  int found = 0;
-  for (; found < take; ++found) {
-    const uint32_t top = __reduce_max_sync(0xffffffffu, best_k);
-    if (top == 0) break;
-    const int32_t ix = static_cast<int32_t>(__reduce_min_sync(
-        0xffffffffu, best_k == top ? static_cast<uint32_t>(best_i) : 0xffffffffu));
-    if (lane == 0) {
-      out_key[found] = top;
-      out_idx[found] = ix;
-    }
-    if (best_k == top && best_i == ix) {
-      drop(best_c);
-      scan();
-    }
-    __syncwarp();
-  }
-  for (int k = found + lane; k < take; k += 32) {
-    out_key[k] = 0u;
-    out_idx[k] = -1;
-  }
-  __syncwarp();
-  return found;
-}
-
-// warp_top for n <= 32 * N candidates held in registers (N per lane): a round is two REDUX
-// instructions and, for the winning lane only, a rescan of its N registers.
-template <int N, typename Key, typename Index>
-__device__ __forceinline__ int warp_top_regs(int n, int take, Key key, Index index,
-                                             uint32_t* out_key, int32_t* out_idx) {
-  const int lane = threadIdx.x % 32;
-  uint32_t k[N];
-  int32_t ix[N];
-#pragma unroll
-  for (int u = 0; u < N; ++u) {
-    const int c = lane + 32 * u;
-    k[u] = c < n ? key(c) : 0u;
-    ix[u] = c < n ? index(c) : INT32_MAX;
-  }
-  uint32_t best_k = 0;
-  int32_t best_i = INT32_MAX;
-  auto scan = [&]() {
-    best_k = 0;
-    best_i = INT32_MAX;
-#pragma unroll
-    for (int u = 0; u < N; ++u) {
-      const bool better = k[u] > best_k || (k[u] == best_k && k[u] != 0 && ix[u] < best_i);
-      best_k = better ? k[u] : best_k;
-      best_i = better ? ix[u] : best_i;
-    }
-  };
-  scan();
-  int found = 0;
-  for (; found < take; ++found) {
-    const uint32_t top = __reduce_max_sync(0xffffffffu, best_k);
-    if (top == 0) break;
-    const int32_t win = static_cast<int32_t>(__reduce_min_sync(
-        0xffffffffu, best_k == top ? static_cast<uint32_t>(best_i) : 0xffffffffu));
-    if (lane == 0) {
-      out_key[found] = top;
-      out_idx[found] = win;
-    }
-    if (best_k == top && best_i == win) {
-#pragma unroll
-      for (int u = 0; u < N; ++u) k[u] = ix[u] == win ? 0u : k[u];
-      scan();
-    }
-  }
-  for (int c = found + lane; c < take; c += 32) {
-    out_key[c] = 0u;
-    out_idx[c] = -1;
-  }
-  __syncwarp();
-  return found;
+// Candidates rank by score (higher first), then block index (lower first): the 64-bit key
+// (score bits + 1) << 32 | ~index orders them exactly that way and is unique (scores are >= 0,
+// so their bit patterns order like the values); 0 = not a candidate.
+__device__ __forceinline__ uint64_t rank_key(float score, int64_t j) {
+  if (!(score >= 0.f)) return 0ull;
+  return (static_cast<uint64_t>(__float_as_uint(score) + 1u) << 32) |
+         (0xffffffffull - static_cast<uint64_t>(j));
 }
 
 // Scores of selection blocks [j0, j0 + kScoreBlocks) per (row, group): the group's p_cmp summed
@@ -604,22 +504,23 @@ inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
 
 constexpr int kSelectThreads = 256;
 
-// Top-n selection per (row, group): forced blocks (0, current, previous), then the best scored
-// blocks; reads of the three branches.
+// Top-n selection per (row, group): forced blocks (0, current, previous), then the `take` best
+// scored blocks, found as the take-th largest key by a radix select (8 passes of 8 bits over
+// the unique keys: a fixed number of block-wide steps, whatever take is); reads of the three
+// branches.
 __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
-  extern __shared__ float score[];                   // [nb]
-  __shared__ uint32_t cand_key[8 * 64];  // each warp's best `take` (key 0 = none)
-  __shared__ int32_t cand_idx[8 * 64];
-  __shared__ uint32_t chosen_key[64];
-  __shared__ int32_t chosen_idx[64];
+  extern __shared__ float score[];  // [nb]
+  __shared__ uint32_t hist[256];
+  __shared__ uint64_t prefix, mask;
+  __shared__ int64_t remaining;
   __shared__ int64_t all[67];
   __shared__ int n_chosen, n_tokens;
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   const int64_t rg = blockIdx.x, r = rg / p.G;
+  const float g1 = p.gates[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
-  const float* gate = p.gates + rg * 3;
-  const bool need_sel = p.compute_all || gate[1] != 0.f;
+  const bool need_sel = p.compute_all || g1 != 0.f;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
   const int64_t n_win = p.w > 0 ? min(p.w, ri.L) : 0;
   int32_t* blocks = p.sel_blocks + rg * p.n_sel;
@@ -635,7 +536,8 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
     return;
   }
   const int64_t nb = ri.L / p.l_sel;
-  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) score[j] = p.block_scores[rg * p.nb_cap + j];
+  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x)
+    score[j] = p.block_scores[rg * p.nb_cap + j];
   const int64_t cur = ri.t / p.l_sel;
   int64_t forced[3], nf = 0;
   const int64_t cand_forced[3] = {0, cur, cur - 1};
@@ -646,48 +548,73 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   }
   int64_t forced_complete = 0;
   for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
+  // Every complete block that is not forced is a candidate (its score is >= 0).
+  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+  if (threadIdx.x == 0) {
+    prefix = 0ull;
+    mask = 0ull;
+    remaining = take;
+    n_chosen = 0;
+    n_tokens = 0;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int64_t k = 0; k < nf; ++k)
-      if (forced[k] < nb) score[forced[k]] = -1.f;  // scores are >= 0: -1 marks "not a candidate"
+      if (forced[k] < nb) score[forced[k]] = -1.f;  // -1: not a candidate
   }
   __syncthreads();
-  // Top-n: each warp takes the best of its slice of the blocks, warp 0 the best of those.
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  const int take = static_cast<int>(min(p.n_sel - nf, nb - forced_complete));
   if (take > 0) {
-    const int per = static_cast<int>((nb + n_warps - 1) / n_warps), lo = warp * per;
-    const int n_mine = max(0, min(per, static_cast<int>(nb) - lo));
-    auto key = [&](int c) { return score_key(score[lo + c]); };
-    auto index = [&](int c) { return lo + c; };
-    if (n_mine <= 32 * 16) {
-      warp_top_regs<16>(n_mine, take, key, index, cand_key + warp * 64, cand_idx + warp * 64);
-    } else {
-      warp_top(n_mine, take, key, index, [&](int c) { score[lo + c] = -1.f; },
-               cand_key + warp * 64, cand_idx + warp * 64);
+    // The take-th largest key, 8 bits per pass from the top: count the candidates that match
+    // the digits found so far, per next digit; the digit where the count from the top reaches
+    // `remaining` is the key's; the candidates above it are all taken.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      hist[threadIdx.x] = 0u;  // kSelectThreads == 256 bins
+      __syncthreads();
+      const uint64_t pre = prefix, msk = mask;
+      for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+        const uint64_t k = rank_key(score[j], j);
+        if (k != 0ull && (k & msk) == pre) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (warp == 0) {  // lane L holds digits 255 - 8 L - u, u < 8: descending over the warp
+        uint32_t c[8], sum = 0;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) sum += (c[u] = hist[255 - 8 * lane - u]);
+        uint32_t incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) {
+          const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += o;
+        }
+        int64_t above = incl - sum;  // candidates with a larger digit, before this lane
+        const int64_t want = remaining;
+        if (above < want && want <= static_cast<int64_t>(incl)) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (above < want && want <= above + c[u]) {
+              prefix = pre | (static_cast<uint64_t>(255 - 8 * lane - u) << shift);
+              mask = msk | (0xffull << shift);
+              remaining = want - above;
+            }
+            above += c[u];
+          }
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    if (warp == 0) {  // candidate c is entry c % take of warp c / take: at most 8 * 64
-      auto at = [&](int c) { return (c / take) * 64 + c % take; };
-      const int found_all = warp_top_regs<16>(
-          n_warps * take, take, [&](int c) { return cand_key[at(c)]; },
-          [&](int c) { return cand_idx[at(c)]; }, chosen_key, chosen_idx);
-      if (lane == 0) n_chosen = found_all;
+    const uint64_t kth = prefix;  // exactly `take` keys are >= kth (keys are unique)
+    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+      const uint64_t k = rank_key(score[j], j);
+      if (k != 0ull && k >= kth) all[nf + atomicAdd(&n_chosen, 1)] = j;
     }
-  } else if (threadIdx.x == 0) {
-    n_chosen = 0;
   }
+  if (threadIdx.x < nf) all[threadIdx.x] = forced[threadIdx.x];
   __syncthreads();
-  // Forced and chosen blocks (all distinct), sorted by rank, their tokens summed; in parallel.
+  // Forced and chosen blocks (all distinct), placed by rank, their tokens summed; in parallel.
   const int64_t n = nf + n_chosen;
-  int64_t v = -1;
   if (threadIdx.x < n) {
-    v = threadIdx.x < nf ? forced[threadIdx.x] : chosen_idx[threadIdx.x - nf];
-    all[threadIdx.x] = v;
-  }
-  if (threadIdx.x == 0) n_tokens = 0;
-  __syncthreads();
-  if (threadIdx.x < n) {
+    const int64_t v = all[threadIdx.x];
     int rank = 0;
     for (int64_t e = 0; e < n; ++e) rank += all[e] < v;
     blocks[rank] = static_cast<int32_t>(v);
@@ -705,7 +632,9 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
 }
 
 // Shared-memory bytes of nsa_select_kernel.
-inline size_t select_smem_bytes(int64_t nb_cap) { return sizeof(float) * static_cast<size_t>(nb_cap); }
+inline size_t select_smem_bytes(int64_t nb_cap) {
+  return sizeof(float) * static_cast<size_t>(nb_cap);
+}
 
 // --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
 // The block that finishes last advances the device length by p.advance: every block has read

@@ -17,7 +17,7 @@ struct StepParams {
   int64_t B, T, row0, R;  // call has B*T rows (row = b*T + tt); this launch covers R of them
   int64_t H, G, h, dk, dv, dim, P;  // P = projection width H*dk + 3*G*(dk+dv)
   int64_t l, d, l_sel, n_sel, w, g_hid;
-  int64_t cap, cap_cmp;                // cache capacity in tokens and in compressed tokens
+  int64_t cap, cap_cmp;  // cache capacity in tokens and in compressed tokens
   int64_t n_cmp_splits, n_win_splits, n_sel_splits;  // splits per (row, group) of each branch
   int gate_sigmoid;
   float gate_temp;
@@ -49,17 +49,17 @@ struct StepParams {
   void* v_cmp;
 
   // Workspace (f32 unless noted)
-  void* q;                        // [R, H, dk] storage type, rotated
-  float* gates;                   // [R, G, 3]
-  float* cmp_logits;              // [R, G, h, cap_cmp]
-  float* block_scores;            // [R, G, nb_cap] group score of each selection block
-  int64_t nb_cap;                 // cap / l_sel + 1
-  float* part_m;                  // [R, G, n_splits_total, h]
-  float* part_s;                  // [R, G, n_splits_total, h]
-  float* part_o;                  // [R, G, n_splits_total, h, dv]
-  int32_t* sel_blocks;            // [R, G, n_sel], -1 = unused
-  int32_t* sel_count;             // [R, G]
-  int32_t* reads;                 // [R, G, 3]
+  void* q;              // [R, H, dk] storage type, rotated
+  float* gates;         // [R, G, 3]
+  float* cmp_logits;    // [R, G, h, cap_cmp]
+  float* block_scores;  // [R, G, nb_cap] group score of each selection block
+  int64_t nb_cap;       // cap / l_sel + 1
+  float* part_m;        // [R, G, n_splits_total, h]
+  float* part_s;        // [R, G, n_splits_total, h]
+  float* part_o;        // [R, G, n_splits_total, h, dv]
+  int32_t* sel_blocks;  // [R, G, n_sel], -1 = unused
+  int32_t* sel_count;   // [R, G]
+  int32_t* reads;       // [R, G, 3]
   float* o_cmp;
   float* o_sel;
   float* o_win;  // [R, H, dv]
