@@ -589,6 +589,7 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
         }
         int64_t above = incl - sum;  // candidates with a larger digit, before this lane
         const int64_t want = remaining;
+        __syncwarp();  // every lane has read `remaining` before one lane rewrites it
         if (above < want && want <= static_cast<int64_t>(incl)) {
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
