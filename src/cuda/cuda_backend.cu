@@ -196,7 +196,7 @@ class CudaBackend final : public Backend {
   // graph capture only).
   int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_ = 0;
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
-      sel_blocks_, sel_count_, reads_, done_, rg_done_, o_cmp_, o_sel_, o_win_, o_, y_;
+      sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
 
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
@@ -319,8 +319,6 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   part_o_ = f32(slots * G * h * dv);
   sel_blocks_ = DeviceBuffer(static_cast<size_t>(rows * G * c_.n_sel) * sizeof(int32_t));
   sel_count_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(int32_t));
-  rg_done_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(uint32_t));
-  NSA_CUDA_CHECK(cudaMemset(rg_done_.get(), 0, rg_done_.bytes()));
   reads_ = DeviceBuffer(static_cast<size_t>(rows * G * 3) * sizeof(int32_t));
   if (!done_.get()) {
     done_ = DeviceBuffer(sizeof(uint32_t));
@@ -426,7 +424,6 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.sel_count = sel_count_.as<int32_t>();
   p.reads = reads_.as<int32_t>();
   p.done = done_.as<uint32_t>();
-  p.rg_done = rg_done_.as<uint32_t>();
   p.o_cmp = o_cmp_.as<float>();
   p.o_sel = o_sel_.as<float>();
   p.o_win = o_win_.as<float>();
@@ -518,9 +515,10 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          0);
   const auto score_chunks =
       static_cast<unsigned>((p.nb_cap + cuda::kScoreBlocks - 1) / cuda::kScoreBlocks);
-  launch("score_select", cuda::nsa_score_select_kernel, dim3(RG, score_chunks),
-         dim3(cuda::kScoreThreads), cuda::score_select_smem_bytes(p.h, p.l, p.d, p.l_sel, p.nb_cap),
-         p);
+  launch("score", cuda::nsa_score_kernel, dim3(RG, score_chunks), dim3(cuda::kScoreThreads),
+         cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
+  launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
+         cuda::select_smem_bytes(p.nb_cap), p);
   launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
          dim3(128), attn_smem, p, 1);
   const auto combine_threads =

@@ -438,8 +438,10 @@ __host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_se
   return (kScoreBlocks * l_sel + l - 1) / d + 2;  // compressed tokens one chunk overlaps
 }
 
-__device__ __forceinline__ void score_chunk(const StepParams& p, float* smem) {
-  // smem: M[h], 1/S[h], head-summed p_cmp of the chunk's span
+__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
+  extern __shared__ float smem[];  // M[h], 1/S[h], head-summed p_cmp of the chunk's span
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
   const int64_t rg = blockIdx.x, r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
@@ -495,23 +497,27 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, float* smem) {
   }
 }
 
-// Shared-memory bytes of score_chunk.
+// Shared-memory bytes of nsa_score_kernel.
 inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
   return sizeof(float) * static_cast<size_t>(2 * h + score_span(l, d, l_sel));
 }
+
+constexpr int kSelectThreads = 256;
 
 // Top-n selection per (row, group): forced blocks (0, current, previous), then the `take` best
 // scored blocks, found as the take-th largest key by a radix select (8 passes of 8 bits over
 // the unique keys: a fixed number of block-wide steps, whatever take is); reads of the three
 // branches.
-__device__ __forceinline__ void select_group(const StepParams& p, int64_t rg, float* score) {
-  // score: [nb] in shared memory; 256 threads (one histogram bin each)
+__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
+  extern __shared__ float score[];  // [nb]
   __shared__ uint32_t hist[256];
   __shared__ uint64_t prefix, mask;
   __shared__ int64_t remaining;
   __shared__ int64_t all[67];
   __shared__ int n_chosen, n_tokens;
-  const int64_t r = rg / p.G;
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  const int64_t rg = blockIdx.x, r = rg / p.G;
   const float g1 = p.gates[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
   const bool need_sel = p.compute_all || g1 != 0.f;
@@ -530,9 +536,8 @@ __device__ __forceinline__ void select_group(const StepParams& p, int64_t rg, fl
     return;
   }
   const int64_t nb = ri.L / p.l_sel;
-  // Written by the other blocks of this (row, group): read past L1.
   for (int64_t j = threadIdx.x; j < nb; j += blockDim.x)
-    score[j] = __ldcg(p.block_scores + rg * p.nb_cap + j);
+    score[j] = p.block_scores[rg * p.nb_cap + j];
   const int64_t cur = ri.t / p.l_sel;
   int64_t forced[3], nf = 0;
   const int64_t cand_forced[3] = {0, cur, cur - 1};
@@ -564,7 +569,7 @@ __device__ __forceinline__ void select_group(const StepParams& p, int64_t rg, fl
     // `remaining` is the key's; the candidates above it are all taken.
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int shift = 56; shift >= 0; shift -= 8) {
-      hist[threadIdx.x] = 0u;  // 256 threads, 256 bins
+      hist[threadIdx.x] = 0u;  // kSelectThreads == 256 bins
       __syncthreads();
       const uint64_t pre = prefix, msk = mask;
       for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
@@ -627,36 +632,9 @@ __device__ __forceinline__ void select_group(const StepParams& p, int64_t rg, fl
   }
 }
 
-// Shared-memory bytes of select_group.
+// Shared-memory bytes of nsa_select_kernel.
 inline size_t select_smem_bytes(int64_t nb_cap) {
   return sizeof(float) * static_cast<size_t>(nb_cap);
-}
-
-// Scoring, then selection: grid (row, group) x chunks of blocks; the block that finishes its
-// (row, group) last selects for it (counter per (row, group), reset by that block).
-__global__ void __launch_bounds__(kScoreThreads) nsa_score_select_kernel(StepParams p) {
-  extern __shared__ float smem[];
-  __shared__ bool last;
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  score_chunk(p, smem);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's scores are visible before it is counted
-    last = atomicAdd(p.rg_done + blockIdx.x, 1u) == gridDim.y - 1;
-    if (last) p.rg_done[blockIdx.x] = 0u;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  select_group(p, blockIdx.x, smem);
-}
-
-// Shared-memory bytes of nsa_score_select_kernel.
-inline size_t score_select_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel,
-                                      int64_t nb_cap) {
-  const size_t a = score_smem_bytes(h, l, d, l_sel), b = select_smem_bytes(nb_cap);
-  return a > b ? a : b;
 }
 
 // --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------

@@ -29,7 +29,6 @@ struct StepParams {
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)
   uint32_t* done;      // [1] combine blocks finished (zero between launches)
-  uint32_t* rg_done;   // [R, G] scoring blocks finished per (row, group) (zero between launches)
   int64_t advance;
 
   // Inputs and weights (storage type unless noted)
