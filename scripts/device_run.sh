@@ -58,3 +58,6 @@ PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_dec
 log "per-kernel profile, B 16, S 64k, bf16 (ncu)"
 NCU_SKIP=9 NCU_COUNT=16 scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
   --iters 8 --warmup 2 --device cuda --dtype bf16 --fill random | tee -a "$OUT/summary.txt"
+log "prefill baseline on the GPU (decode kernels over row chunks; issue 5 makes it fast)"
+$NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 8192,16384,32768 \
+  --iters 2 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
