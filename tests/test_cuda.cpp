@@ -274,6 +274,25 @@ TEST(Cuda, DecodeIsDeterministic) {
   EXPECT_EQ(0, std::memcmp(y[0].raw(), y[1].raw(), y[0].nbytes()));
 }
 
+// A context whose block scores do not fit the selection kernel's shared memory is refused
+// before anything is allocated, with the limit named.
+TEST(Cuda, ContextBeyondTheSelectionLimitIsAClearError) {
+  REQUIRE_GPU();
+  const Config c = case_config({4, 2, 64, 64, 1, 0, 0, DType::kBF16});
+  LayerOptions go;
+  go.device = Device::kCuda;
+  go.dtype = DType::kBF16;
+  Layer gpu(c, random_weights(c, 41), go);
+  KVCache cache = gpu.new_cache(1);
+  try {
+    gpu.fill_random(cache, int64_t{4} << 20, 1);
+    FAIL() << "no error for a 4M-token context";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("exceeds the CUDA backend's limit"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Cuda, RunCliOnCuda) {
   REQUIRE_GPU();
   const std::string dir = testing::TempDir();
