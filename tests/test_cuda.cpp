@@ -21,11 +21,12 @@ namespace {
 struct Case {
   int64_t H, G, dk, dv, B, S0, steps;
   DType dtype;
+  int64_t l_sel = 64;
 };
 
 std::string name(const Case& c) {
-  return fmt::format("H{} G{} dk{} dv{} B{} S0 {} steps {} {}", c.H, c.G, c.dk, c.dv, c.B, c.S0,
-                     c.steps, to_string(c.dtype));
+  return fmt::format("H{} G{} dk{} dv{} B{} S0 {} steps {} {} l_sel {}", c.H, c.G, c.dk, c.dv, c.B,
+                     c.S0, c.steps, to_string(c.dtype), c.l_sel);
 }
 
 Config case_config(const Case& k) {
@@ -36,6 +37,7 @@ Config case_config(const Case& k) {
   c.dk = k.dk;
   c.dv = k.dv;
   c.gate_hidden = k.dk / 2;
+  c.l_sel = k.l_sel;
   return c;
 }
 
@@ -156,11 +158,16 @@ TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
 TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
   REQUIRE_GPU();
   const Case cases[] = {
-      {4, 2, 64, 64, 3, 60, 12, DType::kBF16},     {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
-      {8, 2, 128, 128, 1, 700, 6, DType::kF16},    {2, 2, 32, 32, 3, 1, 40, DType::kF16},
+      {4, 2, 64, 64, 3, 60, 12, DType::kBF16},
+      {16, 1, 192, 128, 1, 2000, 6, DType::kBF16},
+      {8, 2, 128, 128, 1, 700, 6, DType::kF16},
+      {2, 2, 32, 32, 3, 1, 40, DType::kF16},
       {32, 2, 128, 128, 3, 300, 4, DType::kBF16},   // h = 16, B = 3
       {16, 1, 192, 128, 1, 4990, 8, DType::kBF16},  // contexts up to 4998
       {8, 4, 64, 64, 2, 1500, 6, DType::kF16},      // h = 2, G = 4
+      // l_sel 32 and 96: 64-key tiles gather rows from two selected blocks
+      {16, 1, 192, 128, 2, 2000, 6, DType::kBF16, 32},
+      {8, 2, 128, 128, 1, 1500, 6, DType::kF16, 96},
   };
   for (const Case& k : cases) check_case(k);
 }

@@ -99,12 +99,16 @@ template <int W, int LD, typename T>
 __device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Split& sp, int64_t j0,
                                                 int64_t nk) {
   constexpr int kc = W / 8;  // 16-byte chunks per row
+  // Splits start at whole tiles, so with l_sel a multiple of the tile a tile never straddles
+  // two selected blocks: its rows are consecutive positions (one block lookup per tile).
+  const bool consecutive = sp.blocks == nullptr || sp.l_sel % kTileKeys == 0;
+  const T* tile = base + key_pos(sp, j0) * W;
 #pragma unroll
   for (int u = 0; u < static_cast<int>(kTileKeys) * kc / 128; ++u) {
     const int i = threadIdx.x + 128 * u, row = i / kc, c = i % kc;
     const bool ok = row < nk;
-    const T* src = base + (ok ? key_pos(sp, j0 + row) * W : 0) + c * 8;
-    cp_async16(smem_addr(dst + row * LD + c * 8), src, ok);
+    const T* src = !ok ? base : consecutive ? tile + row * W : base + key_pos(sp, j0 + row) * W;
+    cp_async16(smem_addr(dst + row * LD + c * 8), src + c * 8, ok);
   }
 }
 
