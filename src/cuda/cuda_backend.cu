@@ -70,7 +70,7 @@ namespace {
 
 using cuda::StepParams;
 
-// Dynamic shared memory the selection kernel may use (its static arrays take ~17 KiB more).
+// Dynamic shared memory the selection kernel may use (its static arrays take ~2 KiB more).
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
 
 // Owning device buffer.

@@ -1,6 +1,7 @@
-// Device code of one NSA step (decode, or a chunk of prefill rows): RoPE + cache append + gate,
-// compressed-token emission, split attention (cmp / win / sel), scoring + top-n selection, and
-// the gated combine. Each K/V tile is loaded once into shared memory for all heads of a group.
+// Device code of one NSA step (decode, or a chunk of prefill rows): RoPE + cache append +
+// compressed-token emission + gate (`prepare`), the FFMA split attention (the tensor-core one is
+// in attn_tc_kernel.cuh), scoring, top-n selection, and the gated combine. Each K/V tile is
+// loaded once into shared memory for all heads of a group.
 #pragma once
 
 #include <cfloat>
@@ -9,8 +10,6 @@
 #include "cuda/decode/step_params.h"
 
 namespace nsa::cuda {
-
-constexpr int kKeyTile = 64;  // keys per shared-memory tile of the FFMA attention kernel
 
 struct RowInfo {
   int64_t r, b, t, L;
