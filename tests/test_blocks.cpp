@@ -8,6 +8,7 @@
 #include <set>
 
 #include "core/blocks.h"
+#include "cuda/decode/step_params.h"
 #include "test_util.h"
 
 namespace nsa {
@@ -186,3 +187,27 @@ TEST(Reads, ActualAndExpected) {
 
 }  // namespace
 }  // namespace nsa
+
+// The CUDA kernels split each branch's keys with these two functions on the host (workspace,
+// plan) and on the device (split ranges, combine counts); they must tile the keys exactly.
+TEST(Blocks, SplitChunksTileTheKeysWithWholeTiles) {
+  using nsa::cuda::kTileKeys;
+  for (int64_t splits : {1, 2, 3, 7, 13, 64, 256}) {
+    for (int64_t n : {1, 2, 63, 64, 65, 127, 128, 1000, 4096, 4097, 65536, 1 << 20}) {
+      SCOPED_TRACE(::testing::Message() << "n " << n << " splits " << splits);
+      const int64_t chunk = nsa::cuda::split_chunk(n, splits);
+      const int64_t used = nsa::cuda::splits_used(n, splits);
+      EXPECT_EQ(chunk % kTileKeys, 0);
+      EXPECT_GE(chunk, kTileKeys);
+      EXPECT_GE(used, 1);
+      EXPECT_LE(used, splits);           // never more splits than launched
+      EXPECT_GE(used * chunk, n);        // every key is in a split
+      EXPECT_LT((used - 1) * chunk, n);  // and no used split is empty
+      // The smallest whole-tile chunk that fits: one tile less would need more splits.
+      if (chunk > kTileKeys) {
+        EXPECT_GT((n + chunk - kTileKeys - 1) / (chunk - kTileKeys), splits);
+      }
+    }
+  }
+  EXPECT_EQ(nsa::cuda::splits_used(0, 8), 0);
+}
