@@ -152,6 +152,17 @@ TEST(BenchCli, PrefillCsv) {
   EXPECT_EQ(rows[0][0], "S");
   EXPECT_EQ(rows[1][0], "17");
   EXPECT_EQ(rows[2][0], "64");
+  ASSERT_EQ(rows[0].size(), 7u);
+  EXPECT_EQ(rows[0][5], "attn_gflop");
+  EXPECT_EQ(rows[0][6], "attn_tflops");
+  // Attention work, 2 * B * H * reads * (dk + dv), reads counted by hand with the default l 32,
+  // d 16, n_sel 16, w 512: below 64 tokens every block is selected and the window holds the
+  // whole prefix, so a query at t reads t + 1 selected and t + 1 window tokens, plus
+  // (t + 1 - 32) / 16 + 1 compressed ones from t = 31 on.
+  // S 17: 2 * (1 + ... + 17) = 306. S 64: 2 * 2080 + 16 * 1 + 16 * 2 + 3 = 4211.
+  EXPECT_NEAR(std::stod(rows[1][5]), 2.0 * 2 * 306 * 16 * 1e-9, 1e-12);
+  EXPECT_NEAR(std::stod(rows[2][5]), 2.0 * 2 * 4211 * 16 * 1e-9, 1e-12);
+  EXPECT_GT(std::stod(rows[2][6]), 0.0);
 }
 
 TEST(BenchCli, BadFlagsAreUsageErrors) {

@@ -318,9 +318,17 @@ TEST(Reference, ReadsFollowSpecSection5) {
         EXPECT_EQ(rd[1], int64_t(tokens.size()));
         EXPECT_EQ(rd[2], std::min<int64_t>(c.w, L));
         EXPECT_LE(rd[0] + rd[1] + rd[2], core::expected_reads(t, c));
+        // Whichever blocks win, their token count is fixed (prefill work accounting).
+        EXPECT_EQ(rd[1], core::selected_tokens_at(t, c)) << "t " << t;
       }
     }
   }
+  int64_t sum = 0;  // the same over every query of one sequence and group
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t* rd = r.ins.reads.data<int32_t>() + t * c.groups * 3;
+    sum += rd[0] + rd[1] + rd[2];
+  }
+  EXPECT_EQ(sum, core::prefill_reads(T, c));
 }
 
 TEST(Reference, EdgeCasesAreFiniteAndExact) {

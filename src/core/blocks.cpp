@@ -67,6 +67,16 @@ Reads actual_reads(int64_t t, int64_t sel_tokens, const Config& c) {
   return {num_cmp(L, c.l, c.d), sel_tokens, std::min(c.w, L)};
 }
 
+int64_t selected_tokens_at(int64_t t, const Config& c) {
+  return std::min(t + 1, (c.n_sel - 1) * c.l_sel + t % c.l_sel + 1);
+}
+
+int64_t prefill_reads(int64_t T, const Config& c) {
+  int64_t sum = 0;
+  for (int64_t t = 0; t < T; ++t) sum += actual_reads(t, selected_tokens_at(t, c), c).total();
+  return sum;
+}
+
 int64_t expected_reads(int64_t t, const Config& c) {
   const int64_t L = t + 1;
   return num_cmp(L, c.l, c.d) + c.n_sel * c.l_sel + std::min(c.w, L);

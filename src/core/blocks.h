@@ -41,6 +41,16 @@ struct Reads {
 Reads actual_reads(int64_t t, int64_t sel_tokens, const Config& c);
 int64_t expected_reads(int64_t t, const Config& c);
 
+// Tokens of the selected blocks of a query at position t, whichever blocks win: the current
+// block (t mod l_sel + 1 tokens) is always selected and every other selected block is complete,
+// so it is t + 1 while the sequence has at most n_sel blocks, then (n_sel - 1) l_sel + t mod
+// l_sel + 1.
+int64_t selected_tokens_at(int64_t t, const Config& c);
+
+// Keys read by the attention of one group over a prefill of positions [0, T) (SPEC.md section 5
+// reads, summed over the queries); the attention FLOPs are 2 * B * heads * this * (dk + dv).
+int64_t prefill_reads(int64_t T, const Config& c);
+
 // Interleaved-pair RoPE of one head of size dk at absolute position pos, in place.
 void rope_inplace(float* x, int64_t dk, int64_t pos, double theta);
 

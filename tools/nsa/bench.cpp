@@ -317,10 +317,14 @@ int bench_prefill(const ShapeArgs& a) {
   struct Row {
     int64_t S;
     double ms_mean, ms_median;
+    double gflop;  // attention work NSA does (reads counted per SPEC section 5)
   };
   std::vector<Row> rows;
   for (int64_t S : S_list) {
     progress.step(fmt::format("S={}", S));
+    const double gflop = 2.0 * static_cast<double>(a.B * c.heads) *
+                         static_cast<double>(nsa::core::prefill_reads(S, c)) *
+                         static_cast<double>(c.dk + c.dv) * 1e-9;
     const nsa::Tensor x =
         nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
     std::vector<double> ms;
@@ -331,32 +335,40 @@ int bench_prefill(const ShapeArgs& a) {
       const double dt = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       if (i >= a.warmup) ms.push_back(dt);
     }
-    rows.push_back({S, mean(ms), median(ms)});
+    rows.push_back({S, mean(ms), median(ms), gflop});
   }
   fmt::print(
       "nsa bench prefill: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, iters {}, "
       "warmup {}\n",
       metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, a.iters, a.warmup);
-  fmt::print("{:>7} {:>12} {:>12} {:>14}\n", "S", "ms_prefill", "p50_ms", "tokens_per_s");
+  // TFLOP/s of the attention work alone, over the whole layer's time (projections included).
+  auto tflops = [](const Row& r) { return r.gflop / r.ms_median; };
+  fmt::print("{:>7} {:>12} {:>12} {:>14} {:>11} {:>9}\n", "S", "ms_prefill", "p50_ms",
+             "tokens_per_s", "attn_GFLOP", "TFLOP/s");
   for (const Row& r : rows) {
-    fmt::print("{:>7} {:>12.3f} {:>12.3f} {:>14.0f}\n", r.S, r.ms_mean, r.ms_median,
-               static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3));
+    fmt::print("{:>7} {:>12.3f} {:>12.3f} {:>14.0f} {:>11.1f} {:>9.2f}\n", r.S, r.ms_mean,
+               r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3), r.gflop,
+               tflops(r));
   }
   if (!a.csv.empty()) {
     std::ofstream out(a.csv);
     NSA_CHECK(out.good(), "cannot open '{}' for writing", a.csv);
-    out << "S,B,ms_prefill,ms_prefill_median,tokens_per_s\n";
+    out << "S,B,ms_prefill,ms_prefill_median,tokens_per_s,attn_gflop,attn_tflops\n";
     for (const Row& r : rows) {
-      out << fmt::format("{},{},{:.3f},{:.3f},{:.0f}\n", r.S, a.B, r.ms_mean, r.ms_median,
-                         static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3));
+      out << fmt::format("{},{},{:.3f},{:.3f},{:.0f},{:.6g},{:.6g}\n", r.S, a.B, r.ms_mean,
+                         r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3),
+                         r.gflop, tflops(r));
     }
   }
   if (!a.json.empty()) {
     nlohmann::json j = run_metadata(a, c, opt);
     j["bench"] = "prefill";
     for (const Row& r : rows) {
-      j["rows"].push_back(
-          {{"S", r.S}, {"ms_prefill", r.ms_mean}, {"ms_prefill_median", r.ms_median}});
+      j["rows"].push_back({{"S", r.S},
+                           {"ms_prefill", r.ms_mean},
+                           {"ms_prefill_median", r.ms_median},
+                           {"attn_gflop", r.gflop},
+                           {"attn_tflops", tflops(r)}});
     }
     std::ofstream(a.json) << j.dump(2) << "\n";
   }
