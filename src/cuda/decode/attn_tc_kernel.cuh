@@ -1,8 +1,8 @@
 // Tensor-core split attention for 16-bit storage (the paper's group-centric kernel): the h <= 16
 // query heads of a group are the M = 16 rows of mma.sync m16n8k16, so each 64-key K/V tile is
-// read once for the whole group. Tiles stream through a cp.async double buffer while the
-// previous tile is computed; each of the 4 warps owns 16 keys of every tile and keeps its own
-// online softmax and output in registers (FlashAttention-2 style fragments), and the warps are
+// read once for the whole group. Tiles stream through cp.async rings (the next tiles load while
+// one is computed; two blocks per SM); each of the 4 warps owns 16 keys of every tile and keeps its
+// own online softmax and output in registers (FlashAttention-2 style fragments), and the warps are
 // merged once at the end of the split.
 #pragma once
 
@@ -15,7 +15,7 @@ namespace nsa::cuda {
 // cp.async rings of KS key tiles and VS value tiles (VS = KS or KS - 1). Group g of copies holds
 // K tile g and V tile g - (KS - VS): with KS = 3, VS = 2 the keys run two tiles ahead and the
 // values one, which fits two blocks per SM at dk 192, dv 128 (2 x 112 KB) with more bytes in
-// flight than a 2 + 2 ring.
+// flight than the default 2 + 2 ring (measured: no faster, docs/perf-cuda-decode.md).
 template <int DK, int DV, int KS, int VS>
 struct TcShape {
   static constexpr int kKS = KS, kVS = VS, kLag = KS - VS;
