@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 
 #include "nsa/init.h"
 #include "nsa/layer.h"
@@ -40,6 +41,26 @@ Config case_config(const Case& k) {
   c.l_sel = k.l_sel;
   return c;
 }
+
+LayerOptions gpu_options(DType dtype = DType::kF32) {
+  LayerOptions o;
+  o.device = Device::kCuda;
+  o.dtype = dtype;
+  return o;
+}
+
+// Sets an environment variable for its lifetime (the backend reads its knobs when a layer is
+// built), and removes it again even when a test assertion returns early.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
 
 Tensor rows(const Tensor& x, int64_t t0, int64_t n) {
   const int64_t B = x.dim(0), T = x.dim(1), D = x.dim(2);
@@ -106,10 +127,9 @@ void check_case(const Case& k) {
   SCOPED_TRACE(name(k));
   const Config c = case_config(k);
   const auto w = random_weights(c, 1000 + uint64_t(k.H * 7 + k.dk));
-  LayerOptions cpu_opt, gpu_opt;
-  cpu_opt.dtype = gpu_opt.dtype = k.dtype;
-  gpu_opt.device = Device::kCuda;
-  Layer cpu(c, w, cpu_opt), gpu(c, w, gpu_opt);
+  LayerOptions cpu_opt;
+  cpu_opt.dtype = k.dtype;
+  Layer cpu(c, w, cpu_opt), gpu(c, w, gpu_options(k.dtype));
   const Tensor x = random_normal({k.B, k.S0 + k.steps, c.dim}, 77 + uint64_t(k.S0));
   const Outs a = run(gpu, x, k.S0), ref = run(cpu, x, k.S0);
   const double tol = k.dtype == DType::kF32 ? 1e-4 : 2e-2;
@@ -188,20 +208,19 @@ TEST(Cuda, LowPrecisionFallbackShapesMatchCpu) {
 TEST(Cuda, TensorCorePathSmall) {
   REQUIRE_GPU();
   for (const char* stages : {"2", "3"}) {
-    for (const char* tiles : {"", "2"}) {
+    const ScopedEnv ring("NSA_CUDA_TC_STAGES", stages);
+    for (const char* tiles : {"", "2"}) {  // "": the automatic plan
       SCOPED_TRACE(
           fmt::format("NSA_CUDA_TC_STAGES={} NSA_CUDA_TILES_PER_SPLIT='{}'", stages, tiles));
-      ::setenv("NSA_CUDA_TC_STAGES", stages, 1);
-      if (*tiles != 0) ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
+      std::optional<ScopedEnv> split;
+      if (*tiles != 0) split.emplace("NSA_CUDA_TILES_PER_SPLIT", tiles);
       const Case cases[] = {
           {16, 1, 192, 128, 2, 300, 4, DType::kBF16},
           {4, 2, 64, 64, 2, 150, 4, DType::kF16},
       };
       for (const Case& k : cases) check_case(k);
-      ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
     }
   }
-  ::unsetenv("NSA_CUDA_TC_STAGES");
 }
 
 // Splits of several tiles each (double-buffered tile pipeline, several splits per branch),
@@ -210,14 +229,13 @@ TEST(Cuda, MultiTileSplitsMatchCpu) {
   REQUIRE_GPU();
   for (const char* tiles : {"2", "5"}) {
     SCOPED_TRACE(fmt::format("NSA_CUDA_TILES_PER_SPLIT={}", tiles));
-    ::setenv("NSA_CUDA_TILES_PER_SPLIT", tiles, 1);
+    const ScopedEnv split("NSA_CUDA_TILES_PER_SPLIT", tiles);
     const Case cases[] = {
         {16, 1, 192, 128, 2, 4990, 6, DType::kBF16},
         {8, 2, 64, 64, 2, 3000, 6, DType::kF32},
     };
     for (const Case& k : cases) check_case(k);
   }
-  ::unsetenv("NSA_CUDA_TILES_PER_SPLIT");
 }
 
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {
@@ -226,9 +244,7 @@ TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   for (int branch = 0; branch < 3; ++branch) {
     auto w = random_weights(c, 5);
     force_gate(w, branch);
-    LayerOptions go;
-    go.device = Device::kCuda;
-    Layer gpu(c, w, go), cpu(c, w);
+    Layer gpu(c, w, gpu_options()), cpu(c, w);
     const Tensor x = random_normal({2, 300, c.dim}, 9);
     KVCache gc = gpu.new_cache(2), cc = cpu.new_cache(2);
     // No inspection: zero-gated branches are skipped on the device.
@@ -243,9 +259,7 @@ TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
   REQUIRE_GPU();
   const Config c = case_config({8, 2, 64, 64, 3, 0, 0, DType::kF32});
   const auto w = random_weights(c, 21);
-  LayerOptions go;
-  go.device = Device::kCuda;
-  Layer gpu(c, w, go), cpu(c, w);
+  Layer gpu(c, w, gpu_options()), cpu(c, w);
   const Tensor x = random_normal({3, 200, c.dim}, 22);
   KVCache gc = gpu.new_cache(3), cc = cpu.new_cache(3);
   gpu.prefill(gc, x);
@@ -267,10 +281,7 @@ TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
 TEST(Cuda, DecodeIsDeterministic) {
   REQUIRE_GPU();
   const Config c = case_config({16, 1, 192, 128, 2, 0, 0, DType::kBF16});
-  LayerOptions go;
-  go.device = Device::kCuda;
-  go.dtype = DType::kBF16;
-  Layer gpu(c, random_weights(c, 31), go);
+  Layer gpu(c, random_weights(c, 31), gpu_options(DType::kBF16));
   const Tensor x = random_normal({2, 3000, c.dim}, 32);
   Tensor y[2];
   for (auto& yy : y) {
@@ -286,10 +297,7 @@ TEST(Cuda, DecodeIsDeterministic) {
 TEST(Cuda, ContextBeyondTheSelectionLimitIsAClearError) {
   REQUIRE_GPU();
   const Config c = case_config({4, 2, 64, 64, 1, 0, 0, DType::kBF16});
-  LayerOptions go;
-  go.device = Device::kCuda;
-  go.dtype = DType::kBF16;
-  Layer gpu(c, random_weights(c, 41), go);
+  Layer gpu(c, random_weights(c, 41), gpu_options(DType::kBF16));
   KVCache cache = gpu.new_cache(1);
   try {
     gpu.fill_random(cache, int64_t{4} << 20, 1);

@@ -8,6 +8,8 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <random>
 #include <string_view>
 #include <type_traits>
@@ -162,9 +164,15 @@ class CudaBackend final : public Backend {
  private:
   void reserve(CudaCache& cache, int64_t tokens) const;
   void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache);
+  // Shapes, split plan and cache pointers of one launch over rows [row0, row0 + R) of B * T;
+  // the workspace pointers stay null.
   StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                     int64_t advance) const;
-  // params() after growing the workspace to what that launch needs.
+  // The workspace pointers of p (params() leaves them null).
+  void bind_workspace(StepParams& p) const;
+  // Selection blocks (complete or not) a sequence of `cap` tokens can have.
+  int64_t nb_cap(int64_t cap) const { return cap / c_.l_sel + 1; }
+  // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                       int64_t advance);
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
@@ -185,6 +193,7 @@ class CudaBackend final : public Backend {
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
+  int device_ = 0;    // the CUDA device current when the backend was made
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
@@ -206,10 +215,10 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
             "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64",
             c.n_sel);
   NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  int dev = 0, major = 0;
-  NSA_CUDA_CHECK(cudaGetDevice(&dev));
-  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
-  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  int major = 0;
+  NSA_CUDA_CHECK(cudaGetDevice(&device_));
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
   // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
@@ -270,7 +279,7 @@ std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
 // Grows the cache to hold `tokens` positions per sequence, keeping its contents.
 void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   if (tokens <= cache.cap) return;
-  auto sel_smem = [&](int64_t cap) { return cuda::select_smem_bytes(cap / c_.l_sel + 1); };
+  auto sel_smem = [&](int64_t cap) { return cuda::select_smem_bytes(nb_cap(cap)); };
   // The selection kernel keeps the block scores of a sequence in shared memory.
   NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,
             "context of {} tokens per sequence exceeds the CUDA backend's limit (the selection "
@@ -313,7 +322,7 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   q_ = st(rows * H * c_.dk);
   gates_ = f32(rows * G * 3);
   logits_ = f32(rows * H * cache.cap_cmp);
-  block_scores_ = f32(rows * G * (cache.cap / c_.l_sel + 1));
+  block_scores_ = f32(rows * G * nb_cap(cache.cap));
   part_m_ = f32(slots * G * h);
   part_s_ = f32(slots * G * h);
   part_o_ = f32(slots * G * h * dv);
@@ -399,7 +408,6 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.len = cache.len.as<int64_t>();
   p.len_out = advance > 0 ? cache.len.as<int64_t>() : nullptr;
   p.advance = advance;
-  p.proj = proj_.as<float>();
   p.fc1_w = fc1_w_.as<float>();
   p.fc1_b = fc1_b_.as<float>();
   p.fc2_w = fc2_w_.as<float>();
@@ -412,11 +420,16 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.v_win = cache.v_win.get();
   p.k_cmp = cache.k_cmp.get();
   p.v_cmp = cache.v_cmp.get();
+  p.nb_cap = nb_cap(cache.cap);
+  return p;
+}
+
+void CudaBackend::bind_workspace(StepParams& p) const {
+  p.proj = proj_.as<float>();
   p.q = q_.get();
   p.gates = gates_.as<float>();
   p.cmp_logits = logits_.as<float>();
   p.block_scores = block_scores_.as<float>();
-  p.nb_cap = cache.cap / c_.l_sel + 1;
   p.part_m = part_m_.as<float>();
   p.part_s = part_s_.as<float>();
   p.part_o = part_o_.as<float>();
@@ -428,13 +441,14 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.o_sel = o_sel_.as<float>();
   p.o_win = o_win_.as<float>();
   p.o = o_.get();
-  return p;
 }
 
 StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
                                  bool compute_all, int64_t advance) {
-  ensure_workspace(R, cuda::n_splits_total(params(cache, T, row0, R, compute_all, advance)), cache);
-  return params(cache, T, row0, R, compute_all, advance);
+  StepParams p = params(cache, T, row0, R, compute_all, advance);
+  ensure_workspace(R, cuda::n_splits_total(p), cache);
+  bind_workspace(p);
+  return p;
 }
 
 void CudaBackend::probe(const char* name) {
@@ -448,9 +462,21 @@ void CudaBackend::probe(const char* name) {
 template <typename... Params, typename... Args>
 void CudaBackend::launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
                          size_t smem, Args... args) {
-  // Static plus dynamic shared memory above 48 KiB needs the opt-in, so always state it.
-  NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  // Static plus dynamic shared memory above 48 KiB needs the opt-in: raise it when a launch
+  // needs more than any launch of this kernel before, not on every launch. The attribute
+  // belongs to the kernel on the device, shared by every backend, so it is tracked process-wide
+  // and only ever raised (one backend must not lower it under another).
+  {
+    static std::mutex mutex;
+    static std::map<std::pair<int, const void*>, size_t> allowed;
+    const std::lock_guard<std::mutex> lock(mutex);
+    size_t& now = allowed[{device_, reinterpret_cast<const void*>(kernel)}];
+    if (smem > now) {
+      NSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+      now = smem;
+    }
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -645,14 +671,13 @@ void CudaBackend::fill_random(CacheState& state, int64_t S, uint64_t seed) {
     NSA_CUDA_CHECK_LAUNCH();
   }
   // Emit the compressed tokens of the new positions with the regular kernel (rows = B * S).
-  StepParams p = params(cache, S, 0, cache.batch * S, false, 0);  // emission needs no workspace
-  p.gates = nullptr;  // emission only: these rows have no queries
+  const StepParams p = params(cache, S, 0, cache.batch * S, false, 0);  // no workspace needed
   auto emit = dtype_ == DType::kF32    ? cuda::nsa_emit_kernel<float>
               : dtype_ == DType::kBF16 ? cuda::nsa_emit_kernel<__nv_bfloat16>
                                        : cuda::nsa_emit_kernel<__half>;
-  emit<<<dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), 128, 0,
-         stream_>>>(p);
-  NSA_CUDA_CHECK_LAUNCH();
+  launch("emit", emit,
+         dim3(static_cast<unsigned>(cache.batch * S), static_cast<unsigned>(c_.groups)), dim3(128),
+         0, p);
   cache.length += S;
   NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &cache.length, sizeof(int64_t),
                                  cudaMemcpyHostToDevice, stream_));

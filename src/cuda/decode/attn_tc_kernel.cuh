@@ -123,11 +123,7 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
   if (!split_range<T>(p, phase, sp)) return;
   T* pipe = reinterpret_cast<T*>(smem_raw);
   int32_t* blocks_s = reinterpret_cast<int32_t*>(smem_raw + Sh::kMainBytes);
-  if (sp.blocks != nullptr) {
-    for (int i = threadIdx.x; i < p.n_sel; i += blockDim.x) blocks_s[i] = sp.blocks[i];
-    __syncthreads();
-    sp.blocks = blocks_s;
-  }
+  stage_blocks(p, sp, blocks_s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int h = static_cast<int>(p.h);
   const T* K = static_cast<const T*>(sp.K);

@@ -199,6 +199,15 @@ __device__ __forceinline__ int64_t key_pos(const Split& sp, int64_t j) {
   return static_cast<int64_t>(sp.blocks[jj / sp.l_sel]) * sp.l_sel + jj % sp.l_sel;
 }
 
+// Points a sel split at a shared-memory copy (blocks_s, n_sel entries) of its selected blocks,
+// which the gather looks up once per tile or row; other splits are left as they are.
+__device__ __forceinline__ void stage_blocks(const StepParams& p, Split& sp, int32_t* blocks_s) {
+  if (sp.blocks == nullptr) return;
+  for (int i = threadIdx.x; i < p.n_sel; i += blockDim.x) blocks_s[i] = sp.blocks[i];
+  __syncthreads();
+  sp.blocks = blocks_s;
+}
+
 // Fills sp for this block. Returns false when the split has no keys or its branch is gated off.
 template <typename T>
 __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Split& sp) {
@@ -320,11 +329,7 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
   __shared__ int32_t blocks_s[64];
   Split sp;
   if (!split_range<T>(p, phase, sp)) return;
-  if (sp.blocks != nullptr) {
-    for (int i = threadIdx.x; i < p.n_sel; i += blockDim.x) blocks_s[i] = sp.blocks[i];
-    __syncthreads();
-    sp.blocks = blocks_s;
-  }
+  stage_blocks(p, sp, blocks_s);
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int kst = dk + 1;        // odd row stride: the threads of a warp read 32 different banks
