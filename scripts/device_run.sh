@@ -2,13 +2,21 @@
 # One device call: build with CUDA, run the GPU tests (and compute-sanitizer), then the CUDA
 # benchmarks; logs and CSVs go to $OUT (default ./device-out). Run from the repository root:
 #   scripts/vendor_deps.sh            # here, once: headers + GoogleTest for the GPU machine
-#   device run --carry .deps -- scripts/device_run.sh [quick]
+#   device run --carry .deps -- scripts/device_run.sh [quick|decode|prefill|full|profile]
+# quick: build, GPU tests, compute-sanitizer. decode / prefill: then that side's benchmarks (with
+# the dense PyTorch baseline in the same call). full: both sides. profile: full, then the ncu
+# per-kernel profile of a decode step.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 MODE=${1:-full}
+case "$MODE" in quick | decode | prefill | full | profile) ;; *)
+  echo "unknown mode '$MODE'; allowed: quick, decode, prefill, full, profile" >&2
+  exit 2
+  ;;
+esac
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
-# At most 8 files come back from a device call: summary.txt, ctest.log, sanitizer.log, ncu.log
+# At most 8 files come back from a device call: summary.txt, tests.log (ctest and the sanitizers), ncu.log
 # and the benchmark CSVs.
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
 log "build"
@@ -19,8 +27,8 @@ NSA=./build-dev/nsa
 $NSA info | tee -a "$OUT/summary.txt"
 
 log "tests (all suites, GPU included)"
-(cd build-dev && ctest -j 8 --output-on-failure > "$OUT/ctest.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
-grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -15 | tee -a "$OUT/summary.txt"
+(cd build-dev && ctest -j 8 --output-on-failure > "$OUT/tests.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
+grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.txt"
 
 ./build-dev/tests/nsa_tests --gtest_filter='Cuda.*' 2>&1 | grep -E "^\[ cuda|PASSED|FAILED" | tee -a "$OUT/summary.txt"
 log "compute-sanitizer memcheck + racecheck"
@@ -29,15 +37,34 @@ log "compute-sanitizer memcheck + racecheck"
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*' > sanitizer_$tool.log 2>&1
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*' > sanitizer_$tool.log 2>&1
   rc=$?
   ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
   theirs=$(grep -E "Race reported" sanitizer_$tool.log | grep -c "nvjet_")
   echo "$tool rc=$rc, reports in our kernels: $ours, in cuBLAS nvjet kernels: $theirs; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' sanitizer_$tool.log | tail -1)" | tee -a "$OUT/summary.txt"
-  { echo "== $tool"; cat sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
+  { echo "== $tool"; cat sanitizer_$tool.log; } >> "$OUT/tests.log"
   grep -E -A6 "^========= (Error|Invalid|Race|Internal)" sanitizer_$tool.log | grep -v nvjet_ | head -20
 done
 [ "$MODE" = quick ] && exit 0
+
+if [ "$MODE" != decode ]; then
+  log "prefill, paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), B 1, bf16: tiled kernels"
+  $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+    --S_list 8192,16384,32768,65536,131072 --iters 3 --warmup 1 --device cuda --dtype bf16 \
+    --csv "$OUT/prefill_cuda_paper.csv" | tee -a "$OUT/summary.txt"
+  log "per-kernel times of one 64k prefill (NSA_CUDA_KERNEL_TIMES=1: an event after every kernel)"
+  NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+    --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 | grep "^forward T=65536" |
+    tail -1 | tee -a "$OUT/summary.txt"
+  log "the same through the row-step kernels (NSA_CUDA_PREFILL=rows), same run"
+  NSA_CUDA_PREFILL=rows $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+    --S_list 8192,16384 --iters 2 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
+  log "dense causal attention prefill (PyTorch SDPA, flash) on the same GPU"
+  (cd bench && PYTHONUNBUFFERED=1 python3 dense_sdpa_prefill.py --T_list 8192,16384,32768,65536,131072 \
+    --csv "$OUT/dense_sdpa_prefill.csv") |
+    tee -a "$OUT/summary.txt"
+  [ "$MODE" = prefill ] && exit 0
+fi
 
 log "seed decode benchmark on the GPU"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
@@ -54,10 +81,7 @@ for B in 1 16; do
 done
 log "dense attention decode (PyTorch SDPA) on the same GPU"
 PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
-[ "$MODE" = full ] || exit 0
+[ "$MODE" = profile ] || exit 0
 log "per-kernel profile, B 16, S 64k, bf16 (ncu)"
 NCU_SKIP=9 NCU_COUNT=16 scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
   --iters 8 --warmup 2 --device cuda --dtype bf16 --fill random | tee -a "$OUT/summary.txt"
-log "prefill baseline on the GPU (decode kernels over row chunks; issue 5 makes it fast)"
-$NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 8192,16384,32768 \
-  --iters 2 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"

@@ -44,6 +44,7 @@ std::vector<std::vector<std::string>> read_csv(const std::string& path) {
     std::stringstream ss(line);
     std::string item;
     while (std::getline(ss, item, ',')) f.push_back(item);
+    if (!line.empty() && line.back() == ',') f.emplace_back();  // a trailing empty field
     rows.push_back(f);
   }
   return rows;
@@ -152,9 +153,12 @@ TEST(BenchCli, PrefillCsv) {
   EXPECT_EQ(rows[0][0], "S");
   EXPECT_EQ(rows[1][0], "17");
   EXPECT_EQ(rows[2][0], "64");
-  ASSERT_EQ(rows[0].size(), 7u);
+  ASSERT_EQ(rows[0].size(), 9u);
   EXPECT_EQ(rows[0][5], "attn_gflop");
   EXPECT_EQ(rows[0][6], "attn_tflops");
+  EXPECT_EQ(rows[0][7], "ms_attn_median");  // the attention's device time: CUDA only
+  ASSERT_EQ(rows[1].size(), 9u);
+  EXPECT_EQ(rows[1][7], "");
   // Attention work, 2 * B * H * reads * (dk + dv), reads counted by hand with the default l 32,
   // d 16, n_sel 16, w 512: below 64 tokens every block is selected and the window holds the
   // whole prefix, so a query at t reads t + 1 selected and t + 1 window tokens, plus

@@ -23,11 +23,13 @@ struct Case {
   int64_t H, G, dk, dv, B, S0, steps;
   DType dtype;
   int64_t l_sel = 64;
+  int64_t S1 = 0;  // > 0: a second prefill of S1 tokens after the first, before the steps
 };
 
 std::string name(const Case& c) {
-  return fmt::format("H{} G{} dk{} dv{} B{} S0 {} steps {} {} l_sel {}", c.H, c.G, c.dk, c.dv, c.B,
-                     c.S0, c.steps, to_string(c.dtype), c.l_sel);
+  return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l_sel {}", c.H, c.G, c.dk, c.dv,
+                     c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "", c.steps,
+                     to_string(c.dtype), c.l_sel);
 }
 
 Config case_config(const Case& k) {
@@ -75,15 +77,16 @@ struct Outs {
   std::vector<Tensor> y, sel, reads, o_cmp, o_sel, o_win, gates;
 };
 
-Outs run(Layer& layer, const Tensor& x, int64_t S0) {
+// Prefills of S0 (then S1, if > 0) tokens, then one decode step per remaining token.
+Outs run(Layer& layer, const Tensor& x, int64_t S0, int64_t S1 = 0) {
   Outs o;
   KVCache cache = layer.new_cache(x.dim(0));
   for (int64_t t = 0; t < x.dim(1);) {
     Inspection ins;
     ins.want = InspectRequest::all();
-    const int64_t n = t == 0 ? S0 : 1;
-    o.y.push_back(t == 0 ? layer.prefill(cache, rows(x, 0, n), &ins)
-                         : layer.decode(cache, rows(x, t, 1), &ins));
+    const int64_t n = t == 0 ? S0 : t == S0 && S1 > 0 ? S1 : 1;
+    o.y.push_back(n > 1 || t == 0 ? layer.prefill(cache, rows(x, t, n), &ins)
+                                  : layer.decode(cache, rows(x, t, 1), &ins));
     o.sel.push_back(std::move(ins.sel_blocks));
     o.reads.push_back(std::move(ins.reads));
     o.o_cmp.push_back(std::move(ins.o_cmp));
@@ -130,8 +133,8 @@ void check_case(const Case& k) {
   LayerOptions cpu_opt;
   cpu_opt.dtype = k.dtype;
   Layer cpu(c, w, cpu_opt), gpu(c, w, gpu_options(k.dtype));
-  const Tensor x = random_normal({k.B, k.S0 + k.steps, c.dim}, 77 + uint64_t(k.S0));
-  const Outs a = run(gpu, x, k.S0), ref = run(cpu, x, k.S0);
+  const Tensor x = random_normal({k.B, k.S0 + k.S1 + k.steps, c.dim}, 77 + uint64_t(k.S0));
+  const Outs a = run(gpu, x, k.S0, k.S1), ref = run(cpu, x, k.S0, k.S1);
   const double tol = k.dtype == DType::kF32 ? 1e-4 : 2e-2;
   int64_t mismatched = 0, total_groups = 0, compared = 0, total_rows = 0;
   double worst = 0;
@@ -238,19 +241,63 @@ TEST(Cuda, MultiTileSplitsMatchCpu) {
   }
 }
 
+// The tiled prefill (16-bit storage, h dividing 16): the prompt lengths of issue 5 at the decode
+// issue's shapes, every head-group size it takes, then decode steps on the cache it left.
+TEST(Cuda, TiledPrefillMatchesCpu) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {16, 1, 192, 128, 1, 4096, 3, DType::kBF16},       // h = 16, the paper's head dims
+      {16, 1, 192, 128, 1, 1, 3, DType::kF16},           // T = 1 (the step kernels)
+      {16, 1, 192, 128, 3, 17, 3, DType::kBF16},         // before the first compressed token
+      {32, 2, 128, 128, 3, 1013, 3, DType::kF16},        // h = 16, B = 3, G = 2
+      {2, 2, 32, 32, 3, 177, 3, DType::kF16},            // h = 1: 64 queries per tile
+      {4, 2, 64, 64, 1, 1013, 3, DType::kBF16},          // h = 2
+      {8, 2, 128, 128, 2, 177, 3, DType::kF16},          // h = 4
+      {16, 2, 64, 64, 1, 4096, 2, DType::kF16},          // h = 8, 64 blocks to choose from
+      {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},   // l_sel 32
+      {8, 2, 64, 64, 2, 700, 2, DType::kBF16, 64, 333},  // a second prefill onto a cache
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+// Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
+// launches per sequence, B > 1; and the row-step prefill (NSA_CUDA_PREFILL=rows) it replaced.
+// Small enough for compute-sanitizer (scripts/device_run.sh).
+TEST(Cuda, TiledPrefillSmall) {
+  REQUIRE_GPU();
+  {
+    const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
+    const Case cases[] = {
+        {16, 1, 192, 128, 2, 300, 2, DType::kBF16},
+        {4, 2, 64, 64, 2, 150, 2, DType::kF16},
+    };
+    for (const Case& k : cases) check_case(k);
+  }
+  check_case({2, 2, 32, 32, 2, 150, 2, DType::kF16});  // h = 1: 128 queries per tile
+  const ScopedEnv rows_path("NSA_CUDA_PREFILL", "rows");
+  check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});
+}
+
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   REQUIRE_GPU();
   Config c = case_config({8, 2, 64, 64, 2, 0, 0, DType::kF32});
-  for (int branch = 0; branch < 3; ++branch) {
-    auto w = random_weights(c, 5);
-    force_gate(w, branch);
-    Layer gpu(c, w, gpu_options()), cpu(c, w);
-    const Tensor x = random_normal({2, 300, c.dim}, 9);
-    KVCache gc = gpu.new_cache(2), cc = cpu.new_cache(2);
-    // No inspection: zero-gated branches are skipped on the device.
-    EXPECT_LT(test::rel_l2(gpu.prefill(gc, x), cpu.prefill(cc, x)), 1e-4) << branch;
-    const Tensor x1 = random_normal({2, 1, c.dim}, 10);
-    EXPECT_LT(test::rel_l2(gpu.decode(gc, x1), cpu.decode(cc, x1)), 1e-4) << branch;
+  // fp32: the row-step prefill; bf16: the tiled prefill.
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    const double tol = dtype == DType::kF32 ? 1e-4 : 2e-2;
+    for (int branch = 0; branch < 3; ++branch) {
+      SCOPED_TRACE(fmt::format("{} branch {}", to_string(dtype), branch));
+      auto w = random_weights(c, 5);
+      force_gate(w, branch);
+      LayerOptions cpu_opt;
+      cpu_opt.dtype = dtype;
+      Layer gpu(c, w, gpu_options(dtype)), cpu(c, w, cpu_opt);
+      const Tensor x = random_normal({2, 300, c.dim}, 9);
+      KVCache gc = gpu.new_cache(2), cc = cpu.new_cache(2);
+      // No inspection: zero-gated branches are skipped on the device.
+      EXPECT_LT(test::rel_l2(gpu.prefill(gc, x), cpu.prefill(cc, x)), tol);
+      const Tensor x1 = random_normal({2, 1, c.dim}, 10);
+      EXPECT_LT(test::rel_l2(gpu.decode(gc, x1), cpu.decode(cc, x1)), tol);
+    }
   }
 }
 

@@ -49,6 +49,10 @@ class Backend {
   // the attention kernels of the step without the two projection GEMMs.
   virtual std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs,
                                           int64_t warmup, float* y_scratch, bool attention_only);
+  // Device milliseconds of the last forward's attention, everything between the input and the
+  // output projections (CUDA: events around those kernels; host copies excluded); < 0 where the
+  // backend does not measure it.
+  virtual double attention_ms() const { return -1.0; }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Config& config, LayerWeights weights,

@@ -18,6 +18,7 @@
 #include "cuda/common/check.h"
 #include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/step_kernels.cuh"
+#include "cuda/prefill/prefill_kernels.cuh"
 #include "nsa/backend.h"
 
 namespace nsa {
@@ -160,10 +161,22 @@ class CudaBackend final : public Backend {
   void fill_random(CacheState& cache, int64_t S, uint64_t seed) override;
   std::vector<double> time_decode(CacheState& cache, const std::vector<const float*>& xs,
                                   int64_t warmup, float* y_scratch, bool attention_only) override;
+  double attention_ms() const override { return attention_ms_; }
 
  private:
   void reserve(CudaCache& cache, int64_t tokens) const;
-  void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache);
+  // Grows the workspace to `rows` rows with `splits` split partials per (row, group); `scoring`:
+  // also the per-row compressed logits and block scores of the step kernels (the tiled prefill
+  // keeps its scores in shared memory).
+  void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache, bool scoring);
+  // Whether a prefill of T tokens per sequence onto `length` takes the tiled prefill kernels.
+  bool tiled_prefill(int64_t length, int64_t T) const;
+  // Block scores per query the tiled prefill kernel keeps for queries up to position L - 1.
+  int64_t prefill_nb_max(int64_t L) const { return L / c_.l_sel + 1; }
+  template <typename T>
+  void enqueue_prefill_kernels(const StepParams& p, int64_t nb_max);
+  // Enqueues the tiled prefill of launch rows p (one sequence), projections included.
+  void enqueue_prefill(const StepParams& p, int64_t nb_max, const void* x_dev, float* y_dev);
   // Shapes, split plan and cache pointers of one launch over rows [row0, row0 + R) of B * T;
   // the workspace pointers stay null.
   StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
@@ -174,9 +187,11 @@ class CudaBackend final : public Backend {
   int64_t nb_cap(int64_t cap) const { return cap / c_.l_sel + 1; }
   // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
-                      int64_t advance);
+                      int64_t advance, bool tiled = false);
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
-  void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true);
+  // time_attention: events around the kernels between the projections (attention_ms()).
+  void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true,
+                    bool time_attention = false);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
   // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
@@ -197,13 +212,15 @@ class CudaBackend final : public Backend {
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
-  int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
+  int tc_stages_ = 2;          // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
+  bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
+  int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
+  cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
-  // Workspace for up to ws_rows_ rows and ws_slots_ split partials per group (grown outside
-  // graph capture only).
-  int64_t ws_rows_ = 0, ws_slots_ = 0, ws_cap_ = 0;
+  // Per-step workspace (grown outside graph capture only, see ensure_workspace).
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
       sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
@@ -234,6 +251,18 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
               "an integer >= 1",
               tiles);
   }
+  if (const char* mode = std::getenv("NSA_CUDA_PREFILL"); mode != nullptr) {
+    NSA_CHECK(std::string_view(mode) == "rows" || std::string_view(mode) == "tiled",
+              "NSA_CUDA_PREFILL: value '{}' is not valid; allowed: rows, tiled", mode);
+    prefill_rows_ = std::string_view(mode) == "rows";
+  }
+  if (const char* chunk = std::getenv("NSA_CUDA_PREFILL_CHUNK"); chunk != nullptr) {
+    prefill_chunk_ = std::atoll(chunk);
+    NSA_CHECK(prefill_chunk_ >= 1,
+              "NSA_CUDA_PREFILL_CHUNK: value '{}' is not valid; allowed: an integer >= 1", chunk);
+  }
+  NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
+  NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
   // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
@@ -263,6 +292,8 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
 }
 
 CudaBackend::~CudaBackend() {
+  if (attn_begin_) cudaEventDestroy(attn_begin_);
+  if (attn_end_) cudaEventDestroy(attn_end_);
   if (blas_) cublasDestroy(blas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -309,38 +340,38 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   cache.cap_cmp = cap_cmp;
 }
 
-// Grows the workspace to `rows` rows with `splits` split partials per (row, group).
-void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache) {
-  if (rows <= ws_rows_ && rows * splits <= ws_slots_ && cache.cap <= ws_cap_) return;
-  const int64_t slots = std::max(rows * splits, ws_slots_);
-  rows = std::max(rows, ws_rows_);
+void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache,
+                                   bool scoring) {
+  // Each buffer grows on its own (contents are not kept: they live within one step).
+  auto grow = [](DeviceBuffer& buf, int64_t n, size_t elem) {
+    const size_t bytes = static_cast<size_t>(n) * elem;
+    if (buf.bytes() < bytes) buf = DeviceBuffer(bytes);
+  };
   const int64_t H = c_.heads, G = c_.groups, dv = c_.dv, h = c_.heads_per_group();
-  auto f32 = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * sizeof(float)); };
-  auto st = [&](int64_t n) { return DeviceBuffer(static_cast<size_t>(n) * esize_); };
-  x_ = st(rows * c_.dim);
-  proj_ = f32(rows * P_);
-  q_ = st(rows * H * c_.dk);
-  gates_ = f32(rows * G * 3);
-  logits_ = f32(rows * H * cache.cap_cmp);
-  block_scores_ = f32(rows * G * nb_cap(cache.cap));
-  part_m_ = f32(slots * G * h);
-  part_s_ = f32(slots * G * h);
-  part_o_ = f32(slots * G * h * dv);
-  sel_blocks_ = DeviceBuffer(static_cast<size_t>(rows * G * c_.n_sel) * sizeof(int32_t));
-  sel_count_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(int32_t));
-  reads_ = DeviceBuffer(static_cast<size_t>(rows * G * 3) * sizeof(int32_t));
+  const int64_t slots = rows * splits;
+  grow(x_, rows * c_.dim, esize_);
+  grow(proj_, rows * P_, 4);
+  grow(q_, rows * H * c_.dk, esize_);
+  grow(gates_, rows * G * 3, 4);
+  if (scoring) {
+    grow(logits_, rows * H * cache.cap_cmp, 4);
+    grow(block_scores_, rows * G * nb_cap(cache.cap), 4);
+  }
+  grow(part_m_, slots * G * h, 4);
+  grow(part_s_, slots * G * h, 4);
+  grow(part_o_, slots * G * h * dv, 4);
+  grow(sel_blocks_, rows * G * c_.n_sel, sizeof(int32_t));
+  grow(sel_count_, rows * G, sizeof(int32_t));
+  grow(reads_, rows * G * 3, sizeof(int32_t));
   if (!done_.get()) {
     done_ = DeviceBuffer(sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(done_.get(), 0, done_.bytes()));
   }
-  o_cmp_ = f32(rows * H * dv);
-  o_sel_ = f32(rows * H * dv);
-  o_win_ = f32(rows * H * dv);
-  o_ = st(rows * H * dv);
-  y_ = f32(rows * c_.dim);
-  ws_rows_ = rows;
-  ws_slots_ = slots;
-  ws_cap_ = cache.cap;
+  grow(o_cmp_, rows * H * dv, 4);
+  grow(o_sel_, rows * H * dv, 4);
+  grow(o_win_, rows * H * dv, 4);
+  grow(o_, rows * H * dv, esize_);
+  grow(y_, rows * c_.dim, 4);
 }
 
 StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
@@ -444,9 +475,19 @@ void CudaBackend::bind_workspace(StepParams& p) const {
 }
 
 StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
-                                 bool compute_all, int64_t advance) {
+                                 bool compute_all, int64_t advance, bool tiled) {
   StepParams p = params(cache, T, row0, R, compute_all, advance);
-  ensure_workspace(R, cuda::n_splits_total(p), cache);
+  if (tiled) {
+    // One partial per row for the compressed and the window branch; the sel pass writes the
+    // output (one split per row), and forward() advances the length after the last launch.
+    p.n_cmp_splits = 1;
+    p.n_win_splits = 1;
+    p.n_sel_splits = 1;
+    p.sel_fused = 1;
+    p.len_out = nullptr;
+    p.advance = 0;
+  }
+  ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled);
   bind_workspace(p);
   return p;
 }
@@ -525,7 +566,7 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
   // sequence are spread over blocks, so their emission runs after every row is appended.
   const int emit_inside = p.T == 1 ? 1 : 0;
   launch("prepare", cuda::nsa_prepare_kernel<T>, dim3(R, G), dim3(cuda::kPrepareThreads),
-         cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, emit_inside);
+         cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, emit_inside, 1);
   if (!emit_inside) launch("emit", cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   // Tensor cores for 16-bit storage when the group fits the MMA rows; fp32 FFMA otherwise.
   size_t attn_smem = cuda::ffma_smem_bytes(p.h, p.dk, p.dv);
@@ -553,7 +594,106 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          dim3(combine_threads), 0, p);
 }
 
-void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms) {
+using PfCmpKernel = void (*)(StepParams, int64_t);
+using PfWinKernel = void (*)(StepParams);
+
+struct PrefillKernels {
+  PfCmpKernel cmp = nullptr;
+  PfWinKernel win = nullptr;
+  AttnKernel sel = nullptr;  // the decode kernel's gathered attention, one split per block
+  size_t pipe_smem = 0, sel_smem = 0;
+  int threads = 0, rows = 0;  // per block of the cmp and window kernels
+};
+
+template <typename T, int DK, int DV, int W>
+bool pick_prefill(int64_t dk, int64_t dv, PrefillKernels& k) {
+  if (dk != DK || dv != DV) return false;
+  k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
+  k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
+  k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
+  k.pipe_smem = cuda::PfShape<DK, DV>::kPipeBytes;
+  k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kSmemBytes;
+  k.threads = cuda::PfWarps<W>::kThreads;
+  k.rows = cuda::PfWarps<W>::kRows;
+  return true;
+}
+
+// The tiled prefill kernels for these head dims (the tensor-core kernel's set), or none. Blocks
+// of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
+// (docs/perf-cuda-prefill.md).
+template <typename T>
+PrefillKernels prefill_kernels(int64_t dk, int64_t dv) {
+  constexpr int W = 8;
+  PrefillKernels k;
+  (void)(pick_prefill<T, 32, 32, W>(dk, dv, k) || pick_prefill<T, 64, 64, W>(dk, dv, k) ||
+         pick_prefill<T, 128, 128, W>(dk, dv, k) || pick_prefill<T, 192, 128, W>(dk, dv, k));
+  return k;
+}
+
+// Static shared memory of the cmp kernel (its per-warp chosen-block lists), kept out of the
+// dynamic budget.
+constexpr size_t kPrefillStaticSmem = 8 * 64 * sizeof(int32_t);
+constexpr size_t kMaxDynamicSmem = 227 * 1024 - kPrefillStaticSmem;
+
+bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
+  if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
+  const int64_t h = c_.heads_per_group();
+  if (h > 16 || 16 % h != 0) return false;
+  const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv);
+  if (k.cmp == nullptr) return false;
+  return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
+         kMaxDynamicSmem;
+}
+
+template <typename T>
+void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
+  const PrefillKernels k = prefill_kernels<T>(p.dk, p.dv);
+  const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
+  const auto G = static_cast<unsigned>(p.G);
+  // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a
+  // chain of dependent steps, not much work).
+  constexpr int kPrepareRows = 4, kPrepareThreadsPrefill = 128;
+  launch("prepare", cuda::nsa_prepare_kernel<T>, dim3((R + kPrepareRows - 1) / kPrepareRows, G),
+         dim3(kPrepareThreadsPrefill), cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, 0,
+         kPrepareRows);
+  launch("emit", cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
+  const int64_t queries = k.rows / p.h;  // per tile
+  const auto tiles = static_cast<unsigned>((p.R + queries - 1) / queries);
+  launch("prefill_cmp", k.cmp, dim3(tiles, G), dim3(static_cast<unsigned>(k.threads)),
+         k.pipe_smem + cuda::prefill_score_smem(k.rows, p.h, nb_max), p, nb_max);
+  launch("prefill_win", k.win, dim3(tiles, G), dim3(static_cast<unsigned>(k.threads)), k.pipe_smem,
+         p);
+  // The selected blocks, and the gated output of all three branches (p.sel_fused).
+  launch("attn_sel_out", k.sel, dim3(RG), dim3(128), k.sel_smem, p, 1);
+}
+
+void CudaBackend::enqueue_prefill(const StepParams& p, int64_t nb_max, const void* x_dev,
+                                  float* y_dev) {
+  const float one = 1.f, zero = 0.f;
+  const cudaDataType_t t = cuda_type(dtype_);
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
+                                static_cast<int>(p.R), static_cast<int>(c_.dim), &one, w_in_.get(),
+                                t, static_cast<int>(c_.dim), x_dev, t, static_cast<int>(c_.dim),
+                                &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  probe("gemm_in");
+  NSA_CUDA_CHECK(cudaEventRecord(attn_begin_, stream_));
+  if (dtype_ == DType::kBF16) {
+    enqueue_prefill_kernels<__nv_bfloat16>(p, nb_max);
+  } else {
+    enqueue_prefill_kernels<__half>(p, nb_max);
+  }
+  NSA_CUDA_CHECK(cudaEventRecord(attn_end_, stream_));
+  const int HDV = static_cast<int>(c_.heads * c_.dv);
+  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
+                                static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
+                                HDV, &zero, y_dev, CUDA_R_32F, static_cast<int>(c_.dim),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  probe("gemm_out");
+}
+
+void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms,
+                               bool time_attention) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType_t t = cuda_type(dtype_);
   // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T). Without the GEMMs
@@ -566,6 +706,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
                                   static_cast<int>(P_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     probe("gemm_in");
   }
+  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_begin_, stream_));
   switch (dtype_) {
     case DType::kF32:
       enqueue_kernels<float>(p);
@@ -579,6 +720,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
     default:
       NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
   }
+  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_end_, stream_));
   if (!gemms) return;
   const int HDV = static_cast<int>(c_.heads * c_.dv);
   NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
@@ -594,43 +736,92 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   const int64_t B = cache.batch, rows = B * T;
   reserve(cache, cache.length + T);
   const bool all = inspect != nullptr && inspect->want.any();
-  // Rows per launch: bounded so the per-row workspace (cmp logits, split partials) stays modest.
-  // Fewer rows get more splits each, so settle the two together.
-  int64_t chunk = std::min<int64_t>(rows, 4096);
+  const bool tiled = tiled_prefill(cache.length, T);
+  // Rows per launch: bounded so the per-row workspace stays modest. The step kernels keep
+  // compressed logits per row, and fewer rows get more splits each, so settle the two together.
+  // The tiled prefill launches rows of one sequence at a time (its tiles are consecutive
+  // positions), with one compressed and one window partial per row.
+  int64_t chunk = std::min<int64_t>(tiled ? T : rows, tiled ? 8192 : 4096);
   for (int pass = 0; pass < 3; ++pass) {
     const StepParams shape = params(cache, T, 0, chunk, all, 0);
-    const int64_t per_row =
-        (c_.heads * cache.cap_cmp + cuda::n_splits_total(shape) * c_.heads * (c_.dv + 2)) * 4 +
-        P_ * 4 + c_.dim * 8;
-    chunk = std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, chunk);
+    const int64_t splits = tiled ? 3 : cuda::n_splits_total(shape);
+    const int64_t per_row = (tiled ? 0 : c_.heads * cache.cap_cmp * 4) +
+                            splits * c_.heads * (c_.dv + 2) * 4 + 3 * c_.heads * c_.dv * 4 +
+                            P_ * 4 + c_.dim * 8 + c_.heads * (c_.dk + c_.dv) * 2;
+    const int64_t budget = (tiled ? int64_t{1} << 30 : int64_t{256} << 20);
+    chunk = std::clamp<int64_t>(budget / per_row, 1, chunk);
   }
+  if (prefill_chunk_ > 0) chunk = std::min(chunk, prefill_chunk_);
   const auto xs = to_storage(x, rows * c_.dim, dtype_);
-  for (int64_t row0 = 0; row0 < rows; row0 += chunk) {
-    const int64_t R = std::min(chunk, rows - row0);
-    const StepParams p = prepared(cache, T, row0, R, all, row0 + R == rows ? T : 0);
-    NSA_CUDA_CHECK(
-        cudaMemcpyAsync(x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
-                        static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
-    enqueue_step(p, x_.get(), y_.as<float>());
-    NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
-                                   static_cast<size_t>(R * c_.dim) * sizeof(float),
-                                   cudaMemcpyDeviceToHost, stream_));
-    if (all) {
-      auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
-        if (dst.empty()) return;
-        const size_t bytes = static_cast<size_t>(R * per) * 4;
-        NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(),
-                                       bytes, cudaMemcpyDeviceToHost, stream_));
-      };
-      back(inspect->gates, gates_, c_.groups * 3);
-      back(inspect->sel_blocks, sel_blocks_, c_.groups * c_.n_sel);
-      back(inspect->o_cmp, o_cmp_, c_.heads * c_.dv);
-      back(inspect->o_sel, o_sel_, c_.heads * c_.dv);
-      back(inspect->o_win, o_win_, c_.heads * c_.dv);
-      back(inspect->reads, reads_, c_.groups * 3);
+  attention_ms_ = 0.0;
+  // Development aid: NSA_CUDA_KERNEL_TIMES=1 puts an event after every kernel and prints each
+  // kernel's time summed over the launches to stderr.
+  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
+  const bool kernel_times = kt_env != nullptr && std::string_view(kt_env) == "1";
+  std::vector<std::pair<std::string, double>> kernel_ms;
+  // Launches: [row0, row0 + R) of the B * T rows; with the tiled prefill never across sequences.
+  const int64_t span = tiled ? T : rows;
+  for (int64_t base = 0; base < rows; base += span) {
+    for (int64_t off = 0; off < span; off += chunk) {
+      const int64_t row0 = base + off, R = std::min(chunk, span - off);
+      const int64_t advance = row0 + R == rows ? T : 0;
+      const StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
+      NSA_CUDA_CHECK(cudaMemcpyAsync(
+          x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
+          static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
+      std::vector<std::pair<const char*, cudaEvent_t>> events;
+      if (kernel_times) {
+        probes_ = &events;
+        probe("start");
+      }
+      if (tiled) {
+        enqueue_prefill(p, prefill_nb_max(cache.length + off + R), x_.get(), y_.as<float>());
+      } else {
+        enqueue_step(p, x_.get(), y_.as<float>(), true, true);
+      }
+      probes_ = nullptr;
+      NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
+                                     static_cast<size_t>(R * c_.dim) * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream_));
+      if (all) {
+        auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
+          if (dst.empty()) return;
+          const size_t bytes = static_cast<size_t>(R * per) * 4;
+          NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(),
+                                         bytes, cudaMemcpyDeviceToHost, stream_));
+        };
+        back(inspect->gates, gates_, c_.groups * 3);
+        back(inspect->sel_blocks, sel_blocks_, c_.groups * c_.n_sel);
+        back(inspect->o_cmp, o_cmp_, c_.heads * c_.dv);
+        back(inspect->o_sel, o_sel_, c_.heads * c_.dv);
+        back(inspect->o_win, o_win_, c_.heads * c_.dv);
+        back(inspect->reads, reads_, c_.groups * 3);
+      }
+      // The next launch reuses the workspace and x_ buffer.
+      NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      float ms = 0.f;
+      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_begin_, attn_end_));
+      attention_ms_ += ms;
+      for (size_t k = 1; k < events.size(); ++k) {
+        NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, events[k - 1].second, events[k].second));
+        auto it = std::find_if(kernel_ms.begin(), kernel_ms.end(),
+                               [&](const auto& e) { return e.first == events[k].first; });
+        if (it == kernel_ms.end()) it = kernel_ms.insert(kernel_ms.end(), {events[k].first, 0.0});
+        it->second += ms;
+      }
+      for (auto& e : events) cudaEventDestroy(e.second);
     }
-    // The next chunk reuses the workspace and x_ buffer.
+  }
+  if (tiled) {  // every launch has read the old length; now the device copy advances
+    const int64_t length = cache.length + T;
+    NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &length, sizeof(int64_t),
+                                   cudaMemcpyHostToDevice, stream_));
     NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  if (kernel_times) {
+    std::string line;
+    for (const auto& [name, ms] : kernel_ms) line += fmt::format(" {} {:.3f}", name, ms);
+    fmt::print(stderr, "forward T={} kernel ms (summed over {} rows):{}\n", T, rows, line);
   }
   cache.length += T;
 }

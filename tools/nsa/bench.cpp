@@ -11,6 +11,7 @@
 
 #include "commands.h"
 #include "core/blocks.h"
+#include "nsa/backend.h"
 #include "nsa/device.h"
 #include "nsa/init.h"
 #include "nsa/layer.h"
@@ -317,7 +318,8 @@ int bench_prefill(const ShapeArgs& a) {
   struct Row {
     int64_t S;
     double ms_mean, ms_median;
-    double gflop;  // attention work NSA does (reads counted per SPEC section 5)
+    double gflop;    // attention work NSA does (reads counted per SPEC section 5)
+    double ms_attn;  // median device time of the attention alone (< 0: not measured)
   };
   std::vector<Row> rows;
   for (int64_t S : S_list) {
@@ -327,37 +329,49 @@ int bench_prefill(const ShapeArgs& a) {
                          static_cast<double>(c.dk + c.dv) * 1e-9;
     const nsa::Tensor x =
         nsa::random_normal({a.B, S, c.dim}, a.seed * 1000003 + static_cast<uint64_t>(S));
-    std::vector<double> ms;
+    std::vector<double> ms, ms_attn;
     for (int64_t i = 0; i < a.warmup + a.iters; ++i) {
       nsa::KVCache cache = layer.new_cache(a.B);
       const auto t0 = Clock::now();
       layer.prefill(cache, x);
       const double dt = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      if (i >= a.warmup) ms.push_back(dt);
+      if (i >= a.warmup) {
+        ms.push_back(dt);
+        ms_attn.push_back(layer.backend().attention_ms());
+      }
     }
-    rows.push_back({S, mean(ms), median(ms), gflop});
+    rows.push_back({S, mean(ms), median(ms), gflop, median(ms_attn)});
   }
   fmt::print(
       "nsa bench prefill: device {}, dtype {}, B {}, dim {}, H {}, G {}, dk {}, dv {}, iters {}, "
       "warmup {}\n",
       metadata_device(opt), a.dtype, a.B, c.dim, c.heads, c.groups, c.dk, c.dv, a.iters, a.warmup);
-  // TFLOP/s of the attention work alone, over the whole layer's time (projections included).
+  // TFLOP/s of the attention work, over the whole layer's time (projections and host copies
+  // included) and over the attention's own device time (CUDA; "-" where not measured).
   auto tflops = [](const Row& r) { return r.gflop / r.ms_median; };
-  fmt::print("{:>7} {:>12} {:>12} {:>14} {:>11} {:>9}\n", "S", "ms_prefill", "p50_ms",
-             "tokens_per_s", "attn_GFLOP", "TFLOP/s");
+  auto attn = [](double v, int prec) {
+    return v >= 0 ? fmt::format("{:.{}f}", v, prec) : std::string("-");
+  };
+  auto attn_tflops = [](const Row& r) { return r.ms_attn > 0 ? r.gflop / r.ms_attn : -1.0; };
+  fmt::print("{:>7} {:>12} {:>12} {:>14} {:>11} {:>9} {:>10} {:>12}\n", "S", "ms_prefill", "p50_ms",
+             "tokens_per_s", "attn_GFLOP", "TFLOP/s", "attn_ms", "attn_TFLOP/s");
   for (const Row& r : rows) {
-    fmt::print("{:>7} {:>12.3f} {:>12.3f} {:>14.0f} {:>11.1f} {:>9.2f}\n", r.S, r.ms_mean,
-               r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3), r.gflop,
-               tflops(r));
+    fmt::print("{:>7} {:>12.3f} {:>12.3f} {:>14.0f} {:>11.1f} {:>9.2f} {:>10} {:>12}\n", r.S,
+               r.ms_mean, r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3),
+               r.gflop, tflops(r), attn(r.ms_attn, 3), attn(attn_tflops(r), 1));
   }
   if (!a.csv.empty()) {
     std::ofstream out(a.csv);
     NSA_CHECK(out.good(), "cannot open '{}' for writing", a.csv);
-    out << "S,B,ms_prefill,ms_prefill_median,tokens_per_s,attn_gflop,attn_tflops\n";
+    out << "S,B,ms_prefill,ms_prefill_median,tokens_per_s,attn_gflop,attn_tflops,ms_attn_median,"
+           "attn_tflops_device\n";
     for (const Row& r : rows) {
-      out << fmt::format("{},{},{:.3f},{:.3f},{:.0f},{:.6g},{:.6g}\n", r.S, a.B, r.ms_mean,
+      // The attention's own time stays empty where the backend does not measure it.
+      const std::string ms_attn = r.ms_attn >= 0 ? fmt::format("{:.4f}", r.ms_attn) : "";
+      const std::string t_attn = r.ms_attn > 0 ? fmt::format("{:.6g}", attn_tflops(r)) : "";
+      out << fmt::format("{},{},{:.3f},{:.3f},{:.0f},{:.6g},{:.6g},{},{}\n", r.S, a.B, r.ms_mean,
                          r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3),
-                         r.gflop, tflops(r));
+                         r.gflop, tflops(r), ms_attn, t_attn);
     }
   }
   if (!a.json.empty()) {
@@ -368,7 +382,9 @@ int bench_prefill(const ShapeArgs& a) {
                            {"ms_prefill", r.ms_mean},
                            {"ms_prefill_median", r.ms_median},
                            {"attn_gflop", r.gflop},
-                           {"attn_tflops", tflops(r)}});
+                           {"attn_tflops", tflops(r)},
+                           {"ms_attn_median",
+                            r.ms_attn >= 0 ? nlohmann::json(r.ms_attn) : nlohmann::json(nullptr)}});
     }
     std::ofstream(a.json) << j.dump(2) << "\n";
   }

@@ -112,6 +112,34 @@ __device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Spl
   }
 }
 
+// The tiled prefill's gated output of one (row, group) from the single cmp and window partials
+// and the sel output o_sel (null: the sel branch is off), element idx = head * dv + e; the
+// branch outputs too when every branch is computed (inspection).
+template <typename T>
+__device__ __forceinline__ void fused_output(const StepParams& p, int64_t rg, int64_t idx,
+                                             float o_sel) {
+  const int64_t r = rg / p.G, g = rg % p.G, head = idx / p.dv, e = idx % p.dv;
+  const float* gate = p.gates + rg * 3;
+  const int64_t NS = n_splits_total(p);
+  // A branch's partial exists where its kernel ran for the row's tile (gate on or every branch
+  // computed) and the row has keys: a tile before the first compressed token writes none.
+  const bool use_c = (p.compute_all || gate[0] != 0.f) && num_cmp(row_info(p, r).L, p.l, p.d) > 0;
+  const bool use_w = p.w > 0 && (p.compute_all || gate[2] != 0.f);
+  const float oc = use_c ? p.part_o[((rg * NS) * p.h + head) * p.dv + e] : 0.f;
+  const float ow = use_w ? p.part_o[((rg * NS + p.n_cmp_splits) * p.h + head) * p.dv + e] : 0.f;
+  float o = 0.f;
+  if (gate[0] != 0.f) o += gate[0] * oc;
+  if (gate[1] != 0.f) o += gate[1] * o_sel;
+  if (gate[2] != 0.f) o += gate[2] * ow;
+  const int64_t at = (r * p.H + g * p.h) * p.dv + idx;
+  static_cast<T*>(p.o)[at] = from_f32<T>(o);
+  if (p.compute_all) {
+    p.o_cmp[at] = oc;
+    p.o_sel[at] = o_sel;
+    p.o_win[at] = ow;
+  }
+}
+
 template <typename T, int DK, int DV, int KS, int VS>
 __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
   using Sh = TcShape<DK, DV, KS, VS>;
@@ -120,7 +148,13 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   Split sp;
-  if (!split_range<T>(p, phase, sp)) return;
+  if (!split_range<T>(p, phase, sp)) {
+    if (p.sel_fused) {  // the sel branch is off for this row: the output from the other two
+      for (int64_t i = threadIdx.x; i < p.h * DV; i += blockDim.x)
+        fused_output<T>(p, sp.rg, i, 0.f);
+    }
+    return;
+  }
   T* pipe = reinterpret_cast<T*>(smem_raw);
   int32_t* blocks_s = reinterpret_cast<int32_t*>(smem_raw + Sh::kMainBytes);
   stage_blocks(p, sp, blocks_s);
@@ -279,11 +313,26 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
         make_float2(o[nd][2] * f1, o[nd][3] * f1);
   }
   __syncthreads();
+  __shared__ float inv_l[16];
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     float M = -FLT_MAX, L = 0.f;
     for (int w = 0; w < Sh::kWarps; ++w) M = fmaxf(M, red_m[w * 16 + i]);
     for (int w = 0; w < Sh::kWarps; ++w) L += red_l[w * 16 + i] * exp2f(red_m[w * 16 + i] - M);
-    store_partial(p, sp, i, M * 0.6931471805599453f, L);  // back to natural-log units
+    if (p.sel_fused) {
+      inv_l[i] = L > 0.f ? 1.f / L : 0.f;
+    } else {
+      store_partial(p, sp, i, M * 0.6931471805599453f, L);  // back to natural-log units
+    }
+  }
+  if (p.sel_fused) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < h * DV; i += blockDim.x) {
+      float a = 0.f;
+#pragma unroll
+      for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
+      fused_output<T>(p, sp.rg, i, a * inv_l[i / DV]);
+    }
+    return;
   }
   float* out = partial_out(p, sp);
   for (int i = threadIdx.x; i < h * DV; i += blockDim.x) {

@@ -56,14 +56,12 @@ __device__ __forceinline__ void emit_compressed(const StepParams& p, const RowIn
 
 constexpr int kPrepareThreads = 512;
 
+// One (row, group): rope_smem holds cos[dk/2], sin[dk/2] (double), then the rotated queries as
+// stored qr[h][dk], u[dk], hid[g_hid].
 template <typename T>
-__global__ void __launch_bounds__(kPrepareThreads) nsa_prepare_kernel(StepParams p, int emit) {
-  // cos[dk/2], sin[dk/2] (double), then the rotated queries as stored qr[h][dk], u[dk], hid[g_hid]
-  extern __shared__ double rope_smem[];
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  const RowInfo ri = row_info(p, blockIdx.x);
-  const int64_t g = blockIdx.y;
+__device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int64_t g, int emit,
+                                            double* rope_smem) {
+  const RowInfo ri = row_info(p, r);
   const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
   const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
   double* cs = rope_smem;
@@ -160,6 +158,22 @@ __global__ void __launch_bounds__(kPrepareThreads) nsa_prepare_kernel(StepParams
       for (int k = 0; k < 3; ++k) s += (e[k] = expf(z[k] / p.gate_temp - m));
       for (int k = 0; k < 3; ++k) gate[k] = e[k] / s;
     }
+  }
+}
+
+// Rows [blockIdx.x rows_per_block, ...) of group blockIdx.y, one after another: the gate
+// weights a block reads stay in its L1 for the next rows (prefill launches many rows).
+template <typename T>
+__global__ void __launch_bounds__(kPrepareThreads)
+    nsa_prepare_kernel(StepParams p, int emit, int rows_per_block) {
+  extern __shared__ double rope_smem[];
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t r1 = min(p.R, r0 + rows_per_block);
+  for (int64_t r = r0; r < r1; ++r) {
+    prepare_row<T>(p, r, blockIdx.y, emit, rope_smem);
+    __syncthreads();  // the next row rewrites the shared arrays
   }
 }
 
@@ -443,7 +457,7 @@ __host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_se
 }
 
 __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
-  extern __shared__ float smem[];  // M[h], 1/S[h], head-summed p_cmp of the chunk's span
+  extern __shared__ float smem[];  // head-summed p_cmp of the chunk's span, M[h], 1/S[h]
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   const int64_t rg = blockIdx.x, r = rg / p.G;
@@ -456,9 +470,9 @@ __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) 
   const int64_t lo_num = j0 * p.l_sel - p.l + 1;
   const int64_t i0 = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
   const int64_t i1 = min(n_cmp, (j1 * p.l_sel - 1) / p.d + 1);
-  float* M = smem;
+  float* pc = smem;  // pc[i - i0]
+  float* M = pc + score_span(p.l, p.d, p.l_sel);
   float* invS = M + h;
-  float* pc = invS + h;  // pc[i - i0]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   {  // one warp per head: max and sum over the compressed splits
     const int64_t NS = n_splits_total(p);
@@ -482,7 +496,6 @@ __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) 
   const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
   for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
     float ps = 0.f;
-#pragma unroll 16
     for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
     pc[i - i0] = ps;
   }

@@ -25,6 +25,9 @@ struct StepParams {
   double rope_theta;
   int compute_all;  // 1: never skip zero-gated branches (inspection)
   int pdl;          // 1: launched with programmatic dependent launch
+  // 1 (tiled prefill): the sel pass runs one split per (row, group) and writes the gated
+  // output o itself from the single cmp and window partials (no combine kernel).
+  int sel_fused;
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)

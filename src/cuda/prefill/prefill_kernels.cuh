@@ -1,0 +1,500 @@
+// Prefill attention on tensor cores for 16-bit storage (issue 5). A launch covers rows of one
+// sequence. A block of W warps takes a tile of 16 W MMA rows, each a (query, head) pair:
+// 16 W / h consecutive queries times the h heads of one group (h divides 16), so every K/V tile
+// it loads serves all the group's heads of several queries; each warp owns 16 rows
+// (FlashAttention-2 style: S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in
+// registers), and every row keeps its own causal key range inside the kernel (no mask tensors).
+//
+// nsa_prefill_cmp_kernel: the compressed branch, fused with the scoring and the top-n. Pass 1
+// streams the row's visible compressed keys (output and log-sum-exp); pass 2 streams the keys
+// again, turns the logits into p_cmp with the final log-sum-exp, sums them over the group's
+// heads and spreads them over the selection blocks in shared memory; then one warp per query
+// picks the top-n. Only the selected blocks, their reads and the branch output leave the block:
+// the [T, T/d] scores are never written to device memory.
+// nsa_prefill_win_kernel: the sliding window, keys [t - w + 1, t] per row.
+// The selected blocks then go through the decode kernel's gathered attention (one (query,
+// group) per block, the h heads as MMA rows) and the step's LSE combine and gate.
+#pragma once
+
+#include "cuda/decode/attn_tc_kernel.cuh"
+
+namespace nsa::cuda {
+
+// Warps per block: the backend instantiates W = 8 (128 rows; W = 4 measured slower).
+template <int W>
+struct PfWarps {
+  static constexpr int kWarps = W, kThreads = 32 * W, kRows = 16 * W;
+};
+
+template <int DK, int DV>
+struct PfShape {
+  static constexpr int kTile = static_cast<int>(kTileKeys);
+  static constexpr int kLdK = DK + 8;  // 16-byte row padding: conflict-free ldmatrix
+  static constexpr int kLdV = DV + 8;
+  static constexpr int kKElems = kTile * kLdK;
+  static constexpr int kVElems = kTile * kLdV;
+  static constexpr size_t kPipeBytes = (2 * size_t{kKElems} + 2 * size_t{kVElems}) * 2;
+};
+
+// Dynamic shared memory of the compressed kernel beyond the K/V ring: the block scores
+// [queries][nb_max] and the head-summed p_cmp of one tile [queries][64].
+inline size_t prefill_score_smem(int rows, int64_t h, int64_t nb_max) {
+  return static_cast<size_t>((rows / h) * (nb_max + kTileKeys)) * sizeof(float);
+}
+
+// cp.async copies of nk consecutive rows of W elements (src row stride W) into dst (row stride
+// LD); rows nk .. 63 are zero-filled. NT threads.
+template <int W, int LD, int NT, typename T>
+__device__ __forceinline__ void copy_rows_async(T* dst, const T* src, int nk) {
+  constexpr int kc = W / 8;  // 16-byte chunks per row
+  static_assert(static_cast<int>(kTileKeys) * kc % NT == 0, "whole copy rounds per thread");
+#pragma unroll
+  for (int u = 0; u < static_cast<int>(kTileKeys) * kc / NT; ++u) {
+    const int i = threadIdx.x + NT * u, row = i / kc, c = i % kc;
+    const bool ok = row < nk;
+    cp_async16(smem_addr(dst + row * LD + c * 8), (ok ? src + row * W : src) + c * 8, ok);
+  }
+}
+
+// Key range end of a row that does not exist: never narrows a tile's masking.
+constexpr int64_t kNoRowEnd = int64_t{1} << 62;
+
+// The tile's rows as this thread sees them: MMA rows gid and gid + 8 of its warp.
+struct PfRows {
+  int64_t r0;       // first launch row of the tile
+  int64_t t0;       // absolute position of the tile's first query
+  int qt, n_valid;  // queries per tile, queries of the tile that exist
+  int q[2], head[2];
+  bool valid[2];
+};
+
+template <int ROWS>
+__device__ __forceinline__ PfRows pf_rows(const StepParams& p) {
+  PfRows rw;
+  const int h = static_cast<int>(p.h), warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4;
+  rw.qt = ROWS / h;
+  rw.r0 = static_cast<int64_t>(blockIdx.x) * rw.qt;
+  rw.n_valid = static_cast<int>(min(static_cast<int64_t>(rw.qt), p.R - rw.r0));
+  rw.t0 = *p.len + (p.row0 + rw.r0) % p.T;  // a launch's rows are consecutive positions
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int m = warp * 16 + gid + 8 * k;
+    rw.q[k] = m / h;
+    rw.head[k] = m % h;
+    rw.valid[k] = rw.q[k] < rw.n_valid;
+  }
+  return rw;
+}
+
+// Q of this thread's rows as A fragments (rows that do not exist are zero).
+template <typename T, int DK>
+__device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& rw, int64_t g,
+                                             uint32_t (&qa)[DK / 16][4]) {
+  const int tig = threadIdx.x % 4;
+  const T* q[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    q[k] = static_cast<const T*>(p.q) + ((rw.r0 + rw.q[k]) * p.H + g * p.h + rw.head[k]) * DK;
+  }
+  auto ld = [&](int k, int col) {
+    return rw.valid[k] ? *reinterpret_cast<const uint32_t*>(q[k] + col) : 0u;
+  };
+#pragma unroll
+  for (int kc = 0; kc < DK / 16; ++kc) {
+    qa[kc][0] = ld(0, kc * 16 + tig * 2);
+    qa[kc][1] = ld(1, kc * 16 + tig * 2);
+    qa[kc][2] = ld(0, kc * 16 + 8 + tig * 2);
+    qa[kc][3] = ld(1, kc * 16 + 8 + tig * 2);
+  }
+}
+
+// S = Q K^T of this warp's 16 rows and the 64 keys of the tile at ks (raw dot products).
+template <typename T, int DK, int LDK>
+__device__ __forceinline__ void tile_logits(const uint32_t (&qa)[DK / 16][4], const T* ks,
+                                            float (&s)[8][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+  for (int kc = 0; kc < DK / 16; ++kc) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t b[4];
+      const int row = kk * 16 + (lane & 7) + ((lane >> 4) << 3),
+                col = kc * 16 + ((lane >> 3) & 1) * 8;
+      ldmatrix_x4(b, smem_addr(ks + row * LDK + col));
+      mma16816<T>(s[2 * kk], qa[kc], b[0], b[1]);
+      mma16816<T>(s[2 * kk + 1], qa[kc], b[2], b[3]);
+    }
+  }
+}
+
+// Pass 1 over keys [k0, k1) of K/V (rows of DK / DV elements from position 0): each row attends
+// to its own range [lo, hi) (rows that do not exist: [0, kNoRowEnd), their Q is zero and their
+// results are never stored). Leaves the row's output (normalised) in o and its log-sum-exp in
+// log2 units in lse2 (-inf for a row without keys).
+template <typename T, int DK, int DV, int NT>
+__device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&qa)[DK / 16][4],
+                                          const T* K, const T* V, int64_t k0, int64_t k1,
+                                          const int64_t (&lo)[2], const int64_t (&hi)[2], T* pipe,
+                                          float (&o)[DV / 8][4], float (&lse2)[2]) {
+  using Sh = PfShape<DK, DV>;
+  constexpr int kTile = Sh::kTile;
+  const int lane = threadIdx.x % 32, tig = lane % 4;
+  T* k_ring = pipe;
+  T* v_ring = pipe + 2 * Sh::kKElems;
+  const int64_t n_tiles = k1 > k0 ? (k1 - k0 + kTile - 1) / kTile : 0;
+  auto issue = [&](int64_t it) {
+    if (it < n_tiles) {
+      const int64_t j0 = k0 + it * kTile;
+      const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
+      copy_rows_async<DK, Sh::kLdK, NT>(k_ring + (it & 1) * Sh::kKElems, K + j0 * DK, nk);
+      copy_rows_async<DV, Sh::kLdV, NT>(v_ring + (it & 1) * Sh::kVElems, V + j0 * DV, nk);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.f, 0.f};
+  const float scale2 = p.scale * 1.4426950408889634f;  // logits in log2 units
+  issue(0);
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    issue(it + 1);
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* ks = k_ring + (it & 1) * Sh::kKElems;
+    const T* vs = v_ring + (it & 1) * Sh::kVElems;
+    const int64_t j0 = k0 + it * kTile;
+    float s[8][4];
+    tile_logits<T, DK, Sh::kLdK>(qa, ks, s);
+    float mx[2] = {-FLT_MAX, -FLT_MAX};
+    // Most tiles hold only keys every row of the warp sees: no per-key range test there.
+    const bool full = __all_sync(
+        0xffffffffu, lo[0] <= j0 && j0 + kTile <= hi[0] && lo[1] <= j0 && j0 + kTile <= hi[1]);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = j0 + nt * 8 + tig * 2 + (e & 1);
+        const int k = e >> 1;
+        s[nt][e] = full || (key >= lo[k] && key < hi[k]) ? s[nt][e] * scale2 : -INFINITY;
+        mx[k] = fmaxf(mx[k], s[nt][e]);
+      }
+    }
+    float c[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
+      const float n = fmaxf(m[k], mx[k]);
+      c[k] = exp2f(m[k] - n);
+      m[k] = n;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m[e >> 1]);  // masked keys: exp2(-inf) = 0
+        sum[e >> 1] += s[nt][e];
+      }
+    }
+    l[0] = l[0] * c[0] + sum[0];
+    l[1] = l[1] * c[1] + sum[1];
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      o[nd][0] *= c[0];
+      o[nd][1] *= c[0];
+      o[nd][2] *= c[1];
+      o[nd][3] *= c[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // P (rounded to 16 bits) as the A fragment of P V
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(
+            b, smem_addr(vs + (kk * 16 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
+        mma16816<T>(o[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(o[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's issue
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    l[k] += __shfl_xor_sync(0xffffffffu, l[k], 1);
+    l[k] += __shfl_xor_sync(0xffffffffu, l[k], 2);
+    lse2[k] = l[k] > 0.f ? m[k] + log2f(l[k]) : -INFINITY;
+  }
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) {
+    o[nd][0] *= inv[0];
+    o[nd][1] *= inv[0];
+    o[nd][2] *= inv[1];
+    o[nd][3] *= inv[1];
+  }
+}
+
+// Writes a row's branch result as the only partial of its branch (slot): m = log-sum-exp in
+// natural-log units, s = 1, o normalised; the combine kernel then reads it as one split.
+template <int DV>
+__device__ __forceinline__ void pf_store(const StepParams& p, const PfRows& rw, int64_t g,
+                                         int64_t slot, const float (&o)[DV / 8][4],
+                                         const float (&lse2)[2]) {
+  const int tig = threadIdx.x % 4;
+  const int64_t NS = n_splits_total(p);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (!rw.valid[k]) continue;
+    const int64_t rg = (rw.r0 + rw.q[k]) * p.G + g;
+    const int64_t at = (rg * NS + slot) * p.h + rw.head[k];
+    const bool any = lse2[k] > -INFINITY;
+    if (tig == 0) {
+      p.part_m[at] = any ? lse2[k] * 0.6931471805599453f : -FLT_MAX;
+      p.part_s[at] = any ? 1.f : 0.f;
+    }
+    float* out = p.part_o + at * DV;
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      *reinterpret_cast<float2*>(out + nd * 8 + tig * 2) =
+          make_float2(o[nd][2 * k], o[nd][2 * k + 1]);
+    }
+  }
+}
+
+// Whether any query of the tile needs the branch (gate non-zero, or every branch computed).
+__device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows& rw, int64_t g,
+                                              int branch) {
+  bool need = p.compute_all != 0;
+  if (static_cast<int>(threadIdx.x) < rw.n_valid) {
+    const float* gate = p.gates + ((rw.r0 + threadIdx.x) * p.G + g) * 3;
+    need = need || branch_needed(p, gate, branch);
+  }
+  return __syncthreads_or(need) != 0;
+}
+
+template <typename T, int DK, int DV, int W>
+__global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
+    nsa_prefill_win_kernel(StepParams p) {
+  using Wp = PfWarps<W>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int64_t g = blockIdx.y;
+  const PfRows rw = pf_rows<Wp::kRows>(p);
+  if (p.w <= 0 || !pf_tile_needs(p, rw, g, 2)) return;
+  const int64_t b = (p.row0 + rw.r0) / p.T;
+  int64_t lo[2], hi[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int64_t t = rw.t0 + rw.q[k];
+    lo[k] = rw.valid[k] ? max(int64_t{0}, t - p.w + 1) : 0;
+    hi[k] = rw.valid[k] ? t + 1 : kNoRowEnd;
+  }
+  const int64_t k0 = max(int64_t{0}, rw.t0 - p.w + 1), k1 = rw.t0 + rw.n_valid;
+  uint32_t qa[DK / 16][4];
+  load_q_frags<T, DK>(p, rw, g, qa);
+  const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
+  const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
+  float o[DV / 8][4], lse2[2];
+  pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, k0, k1, lo, hi, reinterpret_cast<T*>(smem_raw), o,
+                                     lse2);
+  pf_store<DV>(p, rw, g, p.n_cmp_splits, o, lse2);
+}
+
+template <typename T, int DK, int DV, int W>
+__global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
+    nsa_prefill_cmp_kernel(StepParams p, int64_t nb_max) {
+  using Sh = PfShape<DK, DV>;
+  using Wp = PfWarps<W>;
+  constexpr int kTile = Sh::kTile;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int32_t chosen[W][64];
+  const int64_t g = blockIdx.y;
+  const PfRows rw = pf_rows<Wp::kRows>(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int h = static_cast<int>(p.h);
+  const bool need_cmp = pf_tile_needs(p, rw, g, 0);  // the cmp output or the selection
+  const bool need_sel = pf_tile_needs(p, rw, g, 1);
+  const int64_t b = (p.row0 + rw.r0) / p.T;
+  int64_t lo[2] = {0, 0}, hi[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    hi[k] = rw.valid[k] ? num_cmp(rw.t0 + rw.q[k] + 1, p.l, p.d) : kNoRowEnd;
+  }
+  const int64_t k1 = num_cmp(rw.t0 + rw.n_valid, p.l, p.d);  // keys of the tile's last query
+  T* pipe = reinterpret_cast<T*>(smem_raw);
+  float* scores = reinterpret_cast<float*>(smem_raw + Sh::kPipeBytes);  // [qt][nb_max]
+  float* stage = scores + rw.qt * nb_max;                               // [qt][64]
+  const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
+  const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
+  uint32_t qa[DK / 16][4];
+  load_q_frags<T, DK>(p, rw, g, qa);
+  float lse2[2] = {-INFINITY, -INFINITY};
+  if (need_cmp && k1 > 0) {
+    float o[DV / 8][4];
+    pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, 0, k1, lo, hi, pipe, o, lse2);
+    pf_store<DV>(p, rw, g, 0, o, lse2);
+  }
+  for (int64_t i = threadIdx.x; i < rw.qt * nb_max && need_sel; i += blockDim.x) scores[i] = 0.f;
+  if (need_sel && k1 > 0) {
+    // Pass 2: p_cmp with the final log-sum-exp, summed over each query's heads, spread over the
+    // selection blocks by overlap. Keys only.
+    const float scale2 = p.scale * 1.4426950408889634f;
+    const int64_t n_tiles = (k1 + kTile - 1) / kTile;
+    auto issue = [&](int64_t it) {
+      if (it < n_tiles) {
+        const int64_t j0 = it * kTile;
+        const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
+        copy_rows_async<DK, Sh::kLdK, Wp::kThreads>(pipe + (it & 1) * Sh::kKElems, K + j0 * DK, nk);
+      }
+      cp_async_commit();
+    };
+    const int hw = min(h, 8);  // rows of one query among a lane's row gid (and gid + 8)
+    issue(0);
+    for (int64_t it = 0; it < n_tiles; ++it) {
+      issue(it + 1);
+      cp_async_wait<1>();
+      __syncthreads();
+      const int64_t j0 = it * kTile;
+      float s[8][4];
+      tile_logits<T, DK, Sh::kLdK>(qa, pipe + (it & 1) * Sh::kKElems, s);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int64_t key = j0 + nt * 8 + tig * 2 + c;
+          float v[2];
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            v[k] = key < hi[k] ? exp2f(s[nt][2 * k + c] * scale2 - lse2[k]) : 0.f;
+          }
+          // Sum over the query's heads: rows gid .. of one query differ in the low gid bits
+          // (with h = 16, rows gid and gid + 8 are one query too).
+          if (h == 16) v[0] += v[1];
+          for (int off = 4; off < 4 * hw; off *= 2) {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+            if (h < 16) v[1] += __shfl_xor_sync(0xffffffffu, v[1], off);
+          }
+          if (gid % hw == 0) {
+            const int col = nt * 8 + tig * 2 + c;
+            stage[rw.q[0] * kTile + col] = v[0];
+            if (h < 16) stage[rw.q[1] * kTile + col] = v[1];
+          }
+        }
+      }
+      __syncthreads();
+      // Block j gets the tile's keys i it overlaps, weighted by overlap / l. One thread per
+      // (query, block) pair of the tile, so the sums are in a fixed order.
+      // 32-bit positions: the cache limit (select_smem_bytes) keeps them below 2^22.
+      const int l = static_cast<int>(p.l), d = static_cast<int>(p.d);
+      const int l_sel = static_cast<int>(p.l_sel), nb = static_cast<int>(nb_max);
+      const int i0 = static_cast<int>(j0), nk = static_cast<int>(min(int64_t{kTile}, k1 - j0));
+      const int jb0 = i0 * d / l_sel;
+      const int jb1 = min(nb - 1, ((i0 + nk - 1) * d + l - 1) / l_sel);
+      const int nbt = jb1 - jb0 + 1;
+      const float fl = static_cast<float>(l);
+      for (int idx = threadIdx.x; idx < rw.qt * nbt; idx += blockDim.x) {
+        const int qi = idx / nbt, jb = jb0 + idx % nbt;
+        const int lo_num = jb * l_sel - l + 1;
+        const int i_lo = max(i0, lo_num <= 0 ? 0 : (lo_num + d - 1) / d);
+        const int i_hi = min(i0 + nk - 1, ((jb + 1) * l_sel - 1) / d);
+        float sc = 0.f;
+        for (int i = i_lo; i <= i_hi; ++i) {
+          const int ov = min(i * d + l, (jb + 1) * l_sel) - max(i * d, jb * l_sel);
+          sc += stage[qi * kTile + (i - i0)] * static_cast<float>(ov) / fl;
+        }
+        scores[qi * nb + jb] += sc;
+      }
+      __syncthreads();  // the stage and the ring are rewritten by the next iteration
+    }
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+  // Top-n per query, one warp per query: forced blocks (0, current, previous), then the `take`
+  // largest keys (score, then lower index; see rank_key) by repeated warp-wide maxima. Block j
+  // belongs to lane j % 32, which keeps the best key of its blocks and rescans only when its
+  // best is taken.
+  for (int qi = warp; qi < rw.n_valid; qi += W) {
+    const int64_t r = rw.r0 + qi, rg = r * p.G + g, t = rw.t0 + qi, L = t + 1;
+    const int64_t n_cmp = num_cmp(L, p.l, p.d);
+    const int64_t n_win = p.w > 0 ? min(p.w, L) : 0;
+    int32_t* blocks = p.sel_blocks + rg * p.n_sel;
+    int32_t* rd = p.reads + rg * 3;
+    const bool sel_row = p.compute_all || p.gates[rg * 3 + 1] != 0.f;
+    if (!sel_row || !need_sel) {
+      for (int64_t k = lane; k < p.n_sel; k += 32) blocks[k] = -1;
+      if (lane == 0) {
+        p.sel_count[rg] = 0;
+        rd[0] = static_cast<int32_t>(n_cmp);
+        rd[1] = 0;
+        rd[2] = static_cast<int32_t>(n_win);
+      }
+      continue;
+    }
+    float* sc = scores + qi * nb_max;
+    const int64_t nb = L / p.l_sel, cur = t / p.l_sel;
+    int64_t forced[3], nf = 0;
+    const int64_t cand_forced[3] = {0, cur, cur - 1};
+    for (int64_t j : cand_forced) {
+      bool dup = j < 0;
+      for (int64_t k = 0; k < nf; ++k) dup = dup || forced[k] == j;
+      if (!dup) forced[nf++] = j;
+    }
+    int64_t forced_complete = 0;
+    for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
+    const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+    __syncwarp();
+    if (lane == 0) {
+      for (int64_t k = 0; k < nf; ++k)
+        if (forced[k] < nb) sc[forced[k]] = -1.f;  // -1: not a candidate
+    }
+    __syncwarp();
+    auto lane_best = [&]() {
+      uint64_t best = 0ull;
+      for (int64_t j = lane; j < nb; j += 32) best = max(best, rank_key(sc[j], j));
+      return best;
+    };
+    uint64_t best = take > 0 ? lane_best() : 0ull;
+    for (int64_t k = 0; k < take; ++k) {
+      uint64_t top = best;
+      for (int off = 16; off > 0; off /= 2) top = max(top, __shfl_xor_sync(0xffffffffu, top, off));
+      const int64_t j = static_cast<int64_t>(0xffffffffull - (top & 0xffffffffull));
+      if (lane == 0) chosen[warp][nf + k] = static_cast<int32_t>(j);
+      if (j % 32 == lane) {
+        sc[j] = -1.f;
+        best = lane_best();
+      }
+    }
+    if (lane < nf) chosen[warp][lane] = static_cast<int32_t>(forced[lane]);
+    __syncwarp();
+    const int64_t n = nf + take;
+    int tokens = 0;
+    for (int64_t e = lane; e < p.n_sel; e += 32) {
+      if (e < n) {
+        const int32_t v = chosen[warp][e];
+        int rank = 0;
+        for (int64_t x = 0; x < n; ++x) rank += chosen[warp][x] < v;
+        blocks[rank] = v;
+        tokens += static_cast<int>(min((v + 1) * p.l_sel, L) - v * p.l_sel);
+      } else {
+        blocks[e] = -1;
+      }
+    }
+    for (int off = 16; off > 0; off /= 2) tokens += __shfl_xor_sync(0xffffffffu, tokens, off);
+    if (lane == 0) {
+      p.sel_count[rg] = static_cast<int32_t>(n);
+      rd[0] = static_cast<int32_t>(n_cmp);
+      rd[1] = tokens;
+      rd[2] = static_cast<int32_t>(n_win);
+    }
+    __syncwarp();  // chosen[warp] is reused by the warp's next query
+  }
+}
+
+}  // namespace nsa::cuda
