@@ -175,8 +175,6 @@ class CudaBackend final : public Backend {
   int64_t prefill_nb_max(int64_t L) const { return L / c_.l_sel + 1; }
   template <typename T>
   void enqueue_prefill_kernels(const StepParams& p, int64_t nb_max);
-  // Enqueues the tiled prefill of launch rows p (one sequence), projections included.
-  void enqueue_prefill(const StepParams& p, int64_t nb_max, const void* x_dev, float* y_dev);
   // Shapes, split plan and cache pointers of one launch over rows [row0, row0 + R) of B * T;
   // the workspace pointers stay null.
   StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
@@ -190,8 +188,10 @@ class CudaBackend final : public Backend {
                       int64_t advance, bool tiled = false);
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
   // time_attention: events around the kernels between the projections (attention_ms()).
+  // tiled_nb_max > 0: the tiled prefill kernels (rows of one sequence, 16-bit storage) instead
+  // of the step kernels, keeping that many block scores per query.
   void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true,
-                    bool time_attention = false);
+                    bool time_attention = false, int64_t tiled_nb_max = 0);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
   // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
@@ -667,33 +667,8 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
   launch("attn_sel_out", k.sel, dim3(RG), dim3(128), k.sel_smem, p, 1);
 }
 
-void CudaBackend::enqueue_prefill(const StepParams& p, int64_t nb_max, const void* x_dev,
-                                  float* y_dev) {
-  const float one = 1.f, zero = 0.f;
-  const cudaDataType_t t = cuda_type(dtype_);
-  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
-                                static_cast<int>(p.R), static_cast<int>(c_.dim), &one, w_in_.get(),
-                                t, static_cast<int>(c_.dim), x_dev, t, static_cast<int>(c_.dim),
-                                &zero, proj_.get(), CUDA_R_32F, static_cast<int>(P_),
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  probe("gemm_in");
-  NSA_CUDA_CHECK(cudaEventRecord(attn_begin_, stream_));
-  if (dtype_ == DType::kBF16) {
-    enqueue_prefill_kernels<__nv_bfloat16>(p, nb_max);
-  } else {
-    enqueue_prefill_kernels<__half>(p, nb_max);
-  }
-  NSA_CUDA_CHECK(cudaEventRecord(attn_end_, stream_));
-  const int HDV = static_cast<int>(c_.heads * c_.dv);
-  NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
-                                static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
-                                HDV, &zero, y_dev, CUDA_R_32F, static_cast<int>(c_.dim),
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  probe("gemm_out");
-}
-
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms,
-                               bool time_attention) {
+                               bool time_attention, int64_t tiled_nb_max) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType_t t = cuda_type(dtype_);
   // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T). Without the GEMMs
@@ -712,10 +687,18 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
       enqueue_kernels<float>(p);
       break;
     case DType::kBF16:
-      enqueue_kernels<__nv_bfloat16>(p);
+      if (tiled_nb_max > 0) {
+        enqueue_prefill_kernels<__nv_bfloat16>(p, tiled_nb_max);
+      } else {
+        enqueue_kernels<__nv_bfloat16>(p);
+      }
       break;
     case DType::kF16:
-      enqueue_kernels<__half>(p);
+      if (tiled_nb_max > 0) {
+        enqueue_prefill_kernels<__half>(p, tiled_nb_max);
+      } else {
+        enqueue_kernels<__half>(p);
+      }
       break;
     default:
       NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
@@ -774,11 +757,8 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         probes_ = &events;
         probe("start");
       }
-      if (tiled) {
-        enqueue_prefill(p, prefill_nb_max(cache.length + off + R), x_.get(), y_.as<float>());
-      } else {
-        enqueue_step(p, x_.get(), y_.as<float>(), true, true);
-      }
+      enqueue_step(p, x_.get(), y_.as<float>(), true, true,
+                   tiled ? prefill_nb_max(cache.length + off + R) : 0);
       probes_ = nullptr;
       NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
                                      static_cast<size_t>(R * c_.dim) * sizeof(float),

@@ -113,7 +113,7 @@ __device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Spl
 }
 
 // The tiled prefill's gated output of one (row, group) from the single cmp and window partials
-// and the sel output o_sel (null: the sel branch is off), element idx = head * dv + e; the
+// and the sel output o_sel (0 when the sel branch is off), element idx = head * dv + e; the
 // branch outputs too when every branch is computed (inspection).
 template <typename T>
 __device__ __forceinline__ void fused_output(const StepParams& p, int64_t rg, int64_t idx,

@@ -161,8 +161,8 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
   }
 }
 
-// Rows [blockIdx.x rows_per_block, ...) of group blockIdx.y, one after another: the gate
-// weights a block reads stay in its L1 for the next rows (prefill launches many rows).
+// Rows [blockIdx.x rows_per_block, ...) of group blockIdx.y, one after another (decode: one row
+// per block; prefill: a few rows per smaller block, docs/perf-cuda-prefill.md).
 template <typename T>
 __global__ void __launch_bounds__(kPrepareThreads)
     nsa_prepare_kernel(StepParams p, int emit, int rows_per_block) {
@@ -514,6 +514,32 @@ __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) 
   }
 }
 
+// The forced blocks of a query at position t (SPEC section 3: 0, the current and the previous
+// block, de-duplicated) and how many candidates it takes: every complete block (of nb) that is
+// not forced is a candidate.
+struct Forced {
+  int64_t block[3];
+  int64_t n;     // forced blocks
+  int64_t take;  // candidates to choose
+};
+
+__device__ __forceinline__ Forced forced_blocks(int64_t t, int64_t nb, int64_t l_sel,
+                                                int64_t n_sel) {
+  Forced f;
+  f.n = 0;
+  const int64_t cur = t / l_sel;
+  const int64_t cand[3] = {0, cur, cur - 1};
+  for (int64_t j : cand) {
+    bool dup = j < 0;
+    for (int64_t k = 0; k < f.n; ++k) dup = dup || f.block[k] == j;
+    if (!dup) f.block[f.n++] = j;
+  }
+  int64_t complete = 0;
+  for (int64_t k = 0; k < f.n; ++k) complete += f.block[k] < nb;
+  f.take = min(n_sel - f.n, nb - complete);
+  return f;
+}
+
 // Shared-memory bytes of nsa_score_kernel.
 inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
   return sizeof(float) * static_cast<size_t>(2 * h + score_span(l, d, l_sel));
@@ -555,18 +581,9 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   const int64_t nb = ri.L / p.l_sel;
   for (int64_t j = threadIdx.x; j < nb; j += blockDim.x)
     score[j] = p.block_scores[rg * p.nb_cap + j];
-  const int64_t cur = ri.t / p.l_sel;
-  int64_t forced[3], nf = 0;
-  const int64_t cand_forced[3] = {0, cur, cur - 1};
-  for (int64_t j : cand_forced) {
-    bool dup = j < 0;
-    for (int64_t k = 0; k < nf; ++k) dup = dup || forced[k] == j;
-    if (!dup) forced[nf++] = j;
-  }
-  int64_t forced_complete = 0;
-  for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
-  // Every complete block that is not forced is a candidate (its score is >= 0).
-  const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+  const Forced fb = forced_blocks(ri.t, nb, p.l_sel, p.n_sel);
+  const int64_t* forced = fb.block;
+  const int64_t nf = fb.n, take = fb.take;  // candidates' scores are >= 0
   if (threadIdx.x == 0) {
     prefix = 0ull;
     mask = 0ull;

@@ -438,17 +438,10 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       continue;
     }
     float* sc = scores + qi * nb_max;
-    const int64_t nb = L / p.l_sel, cur = t / p.l_sel;
-    int64_t forced[3], nf = 0;
-    const int64_t cand_forced[3] = {0, cur, cur - 1};
-    for (int64_t j : cand_forced) {
-      bool dup = j < 0;
-      for (int64_t k = 0; k < nf; ++k) dup = dup || forced[k] == j;
-      if (!dup) forced[nf++] = j;
-    }
-    int64_t forced_complete = 0;
-    for (int64_t k = 0; k < nf; ++k) forced_complete += forced[k] < nb;
-    const int64_t take = min(p.n_sel - nf, nb - forced_complete);
+    const int64_t nb = L / p.l_sel;
+    const Forced fb = forced_blocks(t, nb, p.l_sel, p.n_sel);
+    const int64_t* forced = fb.block;
+    const int64_t nf = fb.n, take = fb.take;
     __syncwarp();
     if (lane == 0) {
       for (int64_t k = 0; k < nf; ++k)
