@@ -391,6 +391,12 @@ TEST(ErrorsLayer, NonFiniteInput) {
   Tensor h = convert(random_normal({2, 1, c.dim}, 4), DType::kBF16);
   h.data<uint16_t>()[0] = f32_to_bf16(std::nanf(""));
   EXPECT_TRUE(mentions(error_of([&] { layer.decode(cache, h); }), {"non-finite", "[0, 0, 0]"}));
+  // More than 2^20 values are checked by several threads: still the first bad one is named.
+  Tensor big = random_normal({2, 11000, c.dim}, 5);
+  big.data<float>()[(1 * 11000 + 9000) * c.dim + 3] = INFINITY;
+  big.data<float>()[(1 * 11000 + 20) * c.dim + 40] = std::nanf("");
+  EXPECT_TRUE(mentions(error_of([&] { layer.prefill(cache, big); }),
+                       {"prefill", "non-finite", "[1, 20, 40]"}));
   EXPECT_EQ(cache.length(), 0);
 }
 

@@ -79,5 +79,7 @@ float f16_to_f32(uint16_t v);
 uint16_t f32_to_f16(float v);
 // Rounds a float to the nearest value representable in `dtype` (identity for F32).
 float round_to(DType dtype, float v);
+// Writes n floats as `dtype` (F32, BF16 or F16) to dst, threaded for large n.
+void convert_from_f32(const float* src, int64_t n, DType dtype, void* dst);
 
 }  // namespace nsa

@@ -1,6 +1,7 @@
 // nsa::Layer: validates weights and inputs, sizes inspection outputs, dispatches to a backend.
 #include "nsa/layer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -186,12 +187,17 @@ Tensor Layer::run(KVCache& cache, const Tensor& x, Inspection* inspect, bool is_
   NSA_CHECK(!is_decode || T == 1, "decode: x must hold exactly one token per sequence, got T = {}",
             T);
   NSA_CHECK(x.dtype() != DType::kI32, "{}: x has dtype I32; allowed: F32, F16, BF16", op);
-  Tensor xf = x.to_f32();
-  const float* xp = xf.data<float>();
-  for (int64_t i = 0; i < xf.numel(); ++i) {
-    NSA_CHECK(std::isfinite(xp[i]), "{}: x has a non-finite value at [{}, {}, {}]", op,
-              i / (T * config_.dim), (i / config_.dim) % T, i % config_.dim);
+  Tensor xf;  // F32 input is read in place
+  if (x.dtype() != DType::kF32) xf = x.to_f32();
+  const float* xp = x.dtype() == DType::kF32 ? x.data<float>() : xf.data<float>();
+  const int64_t n = x.numel();
+  int64_t first_bad = n;
+#pragma omp parallel for reduction(min : first_bad) if (n > (int64_t{1} << 20))
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(xp[i])) first_bad = std::min(first_bad, i);
   }
+  NSA_CHECK(first_bad == n, "{}: x has a non-finite value at [{}, {}, {}]", op,
+            first_bad / (T * config_.dim), (first_bad / config_.dim) % T, first_bad % config_.dim);
   const int64_t G = config_.groups, H = config_.heads;
   if (inspect != nullptr) {
     const InspectRequest& want = inspect->want;

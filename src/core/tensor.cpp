@@ -117,6 +117,19 @@ uint16_t f32_to_f16(float v) {
   return sign | static_cast<uint16_t>((exp << 10) | ((m >> 13) & 0x3ff));
 }
 
+void convert_from_f32(const float* src, int64_t n, DType dtype, void* dst) {
+  NSA_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
+            "cannot convert floats to {}", to_string(dtype));
+  if (dtype == DType::kF32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  auto* out = static_cast<uint16_t*>(dst);
+  const bool bf16 = dtype == DType::kBF16;
+#pragma omp parallel for schedule(static) if (n > (int64_t{1} << 20))
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+}
+
 float round_to(DType dtype, float v) {
   switch (dtype) {
     case DType::kBF16:

@@ -139,15 +139,34 @@ cudaDataType_t cuda_type(DType t) {
 // Host f32 -> storage-type bytes.
 std::vector<uint8_t> to_storage(const float* src, int64_t n, DType t) {
   std::vector<uint8_t> out(static_cast<size_t>(n) * dtype_size(t));
-  if (t == DType::kF32) {
-    std::memcpy(out.data(), src, out.size());
-  } else {
-    auto* dst = reinterpret_cast<uint16_t*>(out.data());
-    for (int64_t i = 0; i < n; ++i)
-      dst[i] = t == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
-  }
+  convert_from_f32(src, n, t, out.data());
   return out;
 }
+
+// Page-locked host staging buffer (copies from it run at full bus speed); grows, never shrinks.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+  }
+  void* reserve(size_t bytes) {
+    if (bytes > bytes_) {
+      if (ptr_) NSA_CUDA_CHECK(cudaFreeHost(ptr_));
+      ptr_ = nullptr;
+      bytes_ = 0;
+      NSA_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
+      bytes_ = bytes;
+    }
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -221,6 +240,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
   // Per-step workspace (grown outside graph capture only, see ensure_workspace).
+  PinnedBuffer x_host_;  // one launch's input rows in the storage type, on their way to x_
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
       sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
@@ -606,13 +626,18 @@ struct PrefillKernels {
 };
 
 template <typename T, int DK, int DV, int W>
-bool pick_prefill(int64_t dk, int64_t dv, PrefillKernels& k) {
+bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
   if (dk != DK || dv != DV) return false;
   k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
   k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
-  k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
+  if (stages == 3) {
+    k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
+    k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kSmemBytes;
+  } else {
+    k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
+    k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kSmemBytes;
+  }
   k.pipe_smem = cuda::PfShape<DK, DV>::kPipeBytes;
-  k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kSmemBytes;
   k.threads = cuda::PfWarps<W>::kThreads;
   k.rows = cuda::PfWarps<W>::kRows;
   return true;
@@ -620,13 +645,15 @@ bool pick_prefill(int64_t dk, int64_t dv, PrefillKernels& k) {
 
 // The tiled prefill kernels for these head dims (the tensor-core kernel's set), or none. Blocks
 // of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
-// (docs/perf-cuda-prefill.md).
+// (docs/perf-cuda-prefill.md). `stages`: the key ring of the selected pass (2 or 3).
 template <typename T>
-PrefillKernels prefill_kernels(int64_t dk, int64_t dv) {
+PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
   constexpr int W = 8;
   PrefillKernels k;
-  (void)(pick_prefill<T, 32, 32, W>(dk, dv, k) || pick_prefill<T, 64, 64, W>(dk, dv, k) ||
-         pick_prefill<T, 128, 128, W>(dk, dv, k) || pick_prefill<T, 192, 128, W>(dk, dv, k));
+  (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 64, 64, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 128, 128, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 192, 128, W>(dk, dv, stages, k));
   return k;
 }
 
@@ -639,7 +666,7 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
   const int64_t h = c_.heads_per_group();
   if (h > 16 || 16 % h != 0) return false;
-  const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv);
+  const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv, tc_stages_);
   if (k.cmp == nullptr) return false;
   return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
          kMaxDynamicSmem;
@@ -647,7 +674,7 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
 
 template <typename T>
 void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
-  const PrefillKernels k = prefill_kernels<T>(p.dk, p.dv);
+  const PrefillKernels k = prefill_kernels<T>(p.dk, p.dv, tc_stages_);
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
   const auto G = static_cast<unsigned>(p.G);
   // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a
@@ -735,7 +762,6 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     chunk = std::clamp<int64_t>(budget / per_row, 1, chunk);
   }
   if (prefill_chunk_ > 0) chunk = std::min(chunk, prefill_chunk_);
-  const auto xs = to_storage(x, rows * c_.dim, dtype_);
   attention_ms_ = 0.0;
   // Development aid: NSA_CUDA_KERNEL_TIMES=1 puts an event after every kernel and prints each
   // kernel's time summed over the launches to stderr.
@@ -749,9 +775,12 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       const int64_t row0 = base + off, R = std::min(chunk, span - off);
       const int64_t advance = row0 + R == rows ? T : 0;
       const StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
-      NSA_CUDA_CHECK(cudaMemcpyAsync(
-          x_.get(), xs.data() + static_cast<size_t>(row0 * c_.dim) * esize_,
-          static_cast<size_t>(R * c_.dim) * esize_, cudaMemcpyHostToDevice, stream_));
+      // The previous launch has finished (stream synchronised below), so the staging buffer is
+      // free: convert this launch's rows into it and copy them over.
+      const size_t x_bytes = static_cast<size_t>(R * c_.dim) * esize_;
+      void* staged = x_host_.reserve(x_bytes);
+      convert_from_f32(x + row0 * c_.dim, R * c_.dim, dtype_, staged);
+      NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), staged, x_bytes, cudaMemcpyHostToDevice, stream_));
       std::vector<std::pair<const char*, cudaEvent_t>> events;
       if (kernel_times) {
         probes_ = &events;
