@@ -1,7 +1,6 @@
 // Host tensor, dtype names and 16-bit float conversions.
 #include "nsa/tensor.h"
 
-#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -121,13 +120,8 @@ uint16_t f32_to_f16(float v) {
 void convert_from_f32(const float* src, int64_t n, DType dtype, void* dst) {
   NSA_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
             "cannot convert floats to {}", to_string(dtype));
-  if (dtype == DType::kF32) {  // a copy, in blocks of 2^20 floats across threads
-    constexpr int64_t kBlock = int64_t{1} << 20;
-    auto* out = static_cast<float*>(dst);
-#pragma omp parallel for schedule(static) if (n > kBlock)
-    for (int64_t b = 0; b < n; b += kBlock) {
-      std::memcpy(out + b, src + b, static_cast<size_t>(std::min(kBlock, n - b)) * sizeof(float));
-    }
+  if (dtype == DType::kF32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
     return;
   }
   auto* out = static_cast<uint16_t*>(dst);

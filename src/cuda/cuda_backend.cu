@@ -10,7 +10,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <random>
 #include <string_view>
 #include <type_traits>
@@ -153,7 +152,6 @@ class PinnedBuffer {
   ~PinnedBuffer() {
     if (ptr_) cudaFreeHost(ptr_);
   }
-  void* get() const { return ptr_; }
   void* reserve(size_t bytes) {
     if (bytes > bytes_) {
       if (ptr_) NSA_CUDA_CHECK(cudaFreeHost(ptr_));
@@ -237,18 +235,12 @@ class CudaBackend final : public Backend {
   bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
-  // Per launch slot (forward keeps two launches in flight): events around the attention
-  // kernels, after the launch's last copy, and the pinned staging of its input and output rows.
-  struct LaunchSlot {
-    cudaEvent_t attn_begin = nullptr, attn_end = nullptr, done = nullptr;
-    PinnedBuffer x_host, y_host;
-  };
-  std::array<LaunchSlot, 2> slots_;
-  int slot_ = 0;  // the slot enqueue_step records its attention events in
+  cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
   // Per-step workspace (grown outside graph capture only, see ensure_workspace).
+  PinnedBuffer x_host_;  // one launch's input rows in the storage type, on their way to x_
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
       sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
@@ -289,11 +281,8 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(prefill_chunk_ >= 1,
               "NSA_CUDA_PREFILL_CHUNK: value '{}' is not valid; allowed: an integer >= 1", chunk);
   }
-  for (LaunchSlot& s : slots_) {
-    NSA_CUDA_CHECK(cudaEventCreate(&s.attn_begin));
-    NSA_CUDA_CHECK(cudaEventCreate(&s.attn_end));
-    NSA_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
-  }
+  NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
+  NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
   // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
@@ -323,12 +312,8 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
 }
 
 CudaBackend::~CudaBackend() {
-  if (stream_) cudaStreamSynchronize(stream_);  // nothing in flight uses the staging buffers
-  for (LaunchSlot& s : slots_) {
-    for (cudaEvent_t e : {s.attn_begin, s.attn_end, s.done}) {
-      if (e) cudaEventDestroy(e);
-    }
-  }
+  if (attn_begin_) cudaEventDestroy(attn_begin_);
+  if (attn_end_) cudaEventDestroy(attn_end_);
   if (blas_) cublasDestroy(blas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -723,7 +708,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
                                   static_cast<int>(P_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     probe("gemm_in");
   }
-  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(slots_[slot_].attn_begin, stream_));
+  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_begin_, stream_));
   switch (dtype_) {
     case DType::kF32:
       enqueue_kernels<float>(p);
@@ -745,7 +730,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
     default:
       NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
   }
-  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(slots_[slot_].attn_end, stream_));
+  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_end_, stream_));
   if (!gemms) return;
   const int HDV = static_cast<int>(c_.heads * c_.dv);
   NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
@@ -784,66 +769,35 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   const bool kernel_times = kt_env != nullptr && std::string_view(kt_env) == "1";
   std::vector<std::pair<std::string, double>> kernel_ms;
   // Launches: [row0, row0 + R) of the B * T rows; with the tiled prefill never across sequences.
-  // Two launches are in flight: while the device runs one, the host converts the next one's
-  // input and copies the previous one's output out of its pinned staging buffer. (The row-step
-  // path may grow its workspace between launches, so it waits for each launch.)
-  struct Launch {
-    int64_t row0 = 0, R = 0;
-    int slot = 0;
-    std::vector<std::pair<const char*, cudaEvent_t>> events;
-  };
-  std::optional<Launch> pending;
-  auto finish = [&](Launch& l) {
-    LaunchSlot& s = slots_[l.slot];
-    NSA_CUDA_CHECK(cudaEventSynchronize(s.done));
-    convert_from_f32(static_cast<const float*>(s.y_host.get()), l.R * c_.dim, DType::kF32,
-                     y + l.row0 * c_.dim);
-    float ms = 0.f;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, s.attn_begin, s.attn_end));
-    attention_ms_ += ms;
-    for (size_t k = 1; k < l.events.size(); ++k) {
-      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, l.events[k - 1].second, l.events[k].second));
-      auto it = std::find_if(kernel_ms.begin(), kernel_ms.end(),
-                             [&](const auto& e) { return e.first == l.events[k].first; });
-      if (it == kernel_ms.end()) it = kernel_ms.insert(kernel_ms.end(), {l.events[k].first, 0.0});
-      it->second += ms;
-    }
-    for (auto& e : l.events) cudaEventDestroy(e.second);
-    l.events.clear();
-  };
   const int64_t span = tiled ? T : rows;
-  int n_launch = 0;
   for (int64_t base = 0; base < rows; base += span) {
     for (int64_t off = 0; off < span; off += chunk) {
-      Launch l;
-      l.row0 = base + off;
-      l.R = std::min(chunk, span - off);
-      l.slot = n_launch++ % 2;
-      LaunchSlot& s = slots_[l.slot];
-      const int64_t advance = l.row0 + l.R == rows ? T : 0;
-      const StepParams p = prepared(cache, T, l.row0, l.R, all, advance, tiled);
-      // The launch that used this slot last has finished (finish() below, one launch ago).
-      const size_t x_bytes = static_cast<size_t>(l.R * c_.dim) * esize_;
-      const size_t y_bytes = static_cast<size_t>(l.R * c_.dim) * sizeof(float);
-      void* x_staged = s.x_host.reserve(x_bytes);
-      void* y_staged = s.y_host.reserve(y_bytes);
-      convert_from_f32(x + l.row0 * c_.dim, l.R * c_.dim, dtype_, x_staged);
-      NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), x_staged, x_bytes, cudaMemcpyHostToDevice, stream_));
+      const int64_t row0 = base + off, R = std::min(chunk, span - off);
+      const int64_t advance = row0 + R == rows ? T : 0;
+      const StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
+      // The previous launch has finished (stream synchronised below), so the staging buffer is
+      // free: convert this launch's rows into it and copy them over.
+      const size_t x_bytes = static_cast<size_t>(R * c_.dim) * esize_;
+      void* staged = x_host_.reserve(x_bytes);
+      convert_from_f32(x + row0 * c_.dim, R * c_.dim, dtype_, staged);
+      NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), staged, x_bytes, cudaMemcpyHostToDevice, stream_));
+      std::vector<std::pair<const char*, cudaEvent_t>> events;
       if (kernel_times) {
-        probes_ = &l.events;
+        probes_ = &events;
         probe("start");
       }
-      slot_ = l.slot;
       enqueue_step(p, x_.get(), y_.as<float>(), true, true,
-                   tiled ? prefill_nb_max(cache.length + off + l.R) : 0);
+                   tiled ? prefill_nb_max(cache.length + off + R) : 0);
       probes_ = nullptr;
-      NSA_CUDA_CHECK(cudaMemcpyAsync(y_staged, y_.get(), y_bytes, cudaMemcpyDeviceToHost, stream_));
+      NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
+                                     static_cast<size_t>(R * c_.dim) * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream_));
       if (all) {
         auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
           if (dst.empty()) return;
-          const size_t bytes = static_cast<size_t>(l.R * per) * 4;
-          NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(l.row0 * per) * 4,
-                                         src.get(), bytes, cudaMemcpyDeviceToHost, stream_));
+          const size_t bytes = static_cast<size_t>(R * per) * 4;
+          NSA_CUDA_CHECK(cudaMemcpyAsync(dst.raw() + static_cast<size_t>(row0 * per) * 4, src.get(),
+                                         bytes, cudaMemcpyDeviceToHost, stream_));
         };
         back(inspect->gates, gates_, c_.groups * 3);
         back(inspect->sel_blocks, sel_blocks_, c_.groups * c_.n_sel);
@@ -852,16 +806,21 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         back(inspect->o_win, o_win_, c_.heads * c_.dv);
         back(inspect->reads, reads_, c_.groups * 3);
       }
-      NSA_CUDA_CHECK(cudaEventRecord(s.done, stream_));
-      if (pending) finish(*pending);
-      pending = std::move(l);
-      if (!tiled) {
-        finish(*pending);
-        pending.reset();
+      // The next launch reuses the workspace and x_ buffer.
+      NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      float ms = 0.f;
+      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_begin_, attn_end_));
+      attention_ms_ += ms;
+      for (size_t k = 1; k < events.size(); ++k) {
+        NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, events[k - 1].second, events[k].second));
+        auto it = std::find_if(kernel_ms.begin(), kernel_ms.end(),
+                               [&](const auto& e) { return e.first == events[k].first; });
+        if (it == kernel_ms.end()) it = kernel_ms.insert(kernel_ms.end(), {events[k].first, 0.0});
+        it->second += ms;
       }
+      for (auto& e : events) cudaEventDestroy(e.second);
     }
   }
-  if (pending) finish(*pending);
   if (tiled) {  // every launch has read the old length; now the device copy advances
     const int64_t length = cache.length + T;
     NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &length, sizeof(int64_t),
