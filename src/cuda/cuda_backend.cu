@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -744,7 +745,16 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
                           Inspection* inspect) {
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, rows = B * T;
+  // Host-side phases in ms (printed with NSA_CUDA_KERNEL_TIMES=1): reserve, prepare, convert,
+  // wait (the launch's device work and copies, host blocked), total.
+  using Clock = std::chrono::steady_clock;
+  const auto t_start = Clock::now();
+  auto since = [](Clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  };
+  double host_ms[4] = {0, 0, 0, 0};
   reserve(cache, cache.length + T);
+  host_ms[0] = since(t_start);
   const bool all = inspect != nullptr && inspect->want.any();
   const bool tiled = tiled_prefill(cache.length, T);
   // Rows per launch: bounded so the per-row workspace stays modest. The step kernels keep
@@ -774,12 +784,16 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     for (int64_t off = 0; off < span; off += chunk) {
       const int64_t row0 = base + off, R = std::min(chunk, span - off);
       const int64_t advance = row0 + R == rows ? T : 0;
+      auto t0 = Clock::now();
       const StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
+      host_ms[1] += since(t0);
       // The previous launch has finished (stream synchronised below), so the staging buffer is
       // free: convert this launch's rows into it and copy them over.
+      t0 = Clock::now();
       const size_t x_bytes = static_cast<size_t>(R * c_.dim) * esize_;
       void* staged = x_host_.reserve(x_bytes);
       convert_from_f32(x + row0 * c_.dim, R * c_.dim, dtype_, staged);
+      host_ms[2] += since(t0);
       NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), staged, x_bytes, cudaMemcpyHostToDevice, stream_));
       std::vector<std::pair<const char*, cudaEvent_t>> events;
       if (kernel_times) {
@@ -807,7 +821,9 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         back(inspect->reads, reads_, c_.groups * 3);
       }
       // The next launch reuses the workspace and x_ buffer.
+      t0 = Clock::now();
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      host_ms[3] += since(t0);
       float ms = 0.f;
       NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_begin_, attn_end_));
       attention_ms_ += ms;
@@ -831,6 +847,10 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     std::string line;
     for (const auto& [name, ms] : kernel_ms) line += fmt::format(" {} {:.3f}", name, ms);
     fmt::print(stderr, "forward T={} kernel ms (summed over {} rows):{}\n", T, rows, line);
+    fmt::print(stderr,
+               "forward T={} host ms: reserve {:.1f} prepare {:.1f} convert {:.1f} wait {:.1f} "
+               "total {:.1f}\n",
+               T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], since(t_start));
   }
   cache.length += T;
 }
