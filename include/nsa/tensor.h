@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,10 +21,33 @@ using Shape = std::vector<int64_t>;
 std::string to_string(const Shape& shape);
 int64_t numel(const Shape& shape);
 
+// Allocator whose value-initialisation leaves bytes as they are, so a tensor that is about to
+// be overwritten skips the zero fill (Tensor::uninitialized).
+template <typename T>
+struct NoInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  NoInitAllocator() = default;
+  template <typename U>
+  NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 class Tensor {
  public:
   Tensor() = default;
   Tensor(DType dtype, Shape shape);  // zero-filled
+  // A tensor whose contents are unspecified until written (for outputs that are written whole).
+  static Tensor uninitialized(DType dtype, Shape shape);
 
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }
@@ -55,7 +79,7 @@ class Tensor {
 
   DType dtype_ = DType::kF32;
   Shape shape_;
-  std::vector<std::byte> bytes_;
+  std::vector<std::byte, NoInitAllocator<std::byte>> bytes_;
 };
 
 template <>

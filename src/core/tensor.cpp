@@ -56,7 +56,17 @@ int64_t numel(const Shape& shape) {
 Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
   for (int64_t v : shape_)
     NSA_CHECK(v >= 0, "negative tensor dimension in shape {}", to_string(shape_));
-  bytes_.resize(static_cast<size_t>(nsa::numel(shape_)) * dtype_size(dtype_));
+  bytes_.assign(static_cast<size_t>(nsa::numel(shape_)) * dtype_size(dtype_), std::byte{0});
+}
+
+Tensor Tensor::uninitialized(DType dtype, Shape shape) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  for (int64_t v : t.shape_)
+    NSA_CHECK(v >= 0, "negative tensor dimension in shape {}", to_string(t.shape_));
+  t.bytes_.resize(static_cast<size_t>(nsa::numel(t.shape_)) * dtype_size(dtype));
+  return t;
 }
 
 Tensor Tensor::to_f32() const {
