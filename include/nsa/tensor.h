@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nsa/error.h"
@@ -21,6 +22,7 @@ using Shape = std::vector<int64_t>;
 std::string to_string(const Shape& shape);
 int64_t numel(const Shape& shape);
 
+namespace detail {
 // Allocator whose value-initialisation leaves bytes as they are, so a tensor that is about to
 // be overwritten skips the zero fill (Tensor::uninitialized).
 template <typename T>
@@ -41,6 +43,7 @@ struct NoInitAllocator : std::allocator<T> {
     ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
 };
+}  // namespace detail
 
 class Tensor {
  public:
@@ -74,12 +77,14 @@ class Tensor {
   Tensor to_f32() const;
 
  private:
+  // Shape checked and storage sized; zero-filled when `zero`.
+  Tensor(DType dtype, Shape shape, bool zero);
   template <typename T>
   void check_type() const;
 
   DType dtype_ = DType::kF32;
   Shape shape_;
-  std::vector<std::byte, NoInitAllocator<std::byte>> bytes_;
+  std::vector<std::byte, detail::NoInitAllocator<std::byte>> bytes_;
 };
 
 template <>

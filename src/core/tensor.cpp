@@ -53,20 +53,21 @@ int64_t numel(const Shape& shape) {
   return n;
 }
 
-Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
+Tensor::Tensor(DType dtype, Shape shape, bool zero) : dtype_(dtype), shape_(std::move(shape)) {
   for (int64_t v : shape_)
     NSA_CHECK(v >= 0, "negative tensor dimension in shape {}", to_string(shape_));
-  bytes_.assign(static_cast<size_t>(nsa::numel(shape_)) * dtype_size(dtype_), std::byte{0});
+  const size_t bytes = static_cast<size_t>(nsa::numel(shape_)) * dtype_size(dtype_);
+  if (zero) {
+    bytes_.assign(bytes, std::byte{0});
+  } else {
+    bytes_.resize(bytes);  // the allocator leaves the bytes as they are
+  }
 }
 
+Tensor::Tensor(DType dtype, Shape shape) : Tensor(dtype, std::move(shape), true) {}
+
 Tensor Tensor::uninitialized(DType dtype, Shape shape) {
-  Tensor t;
-  t.dtype_ = dtype;
-  t.shape_ = std::move(shape);
-  for (int64_t v : t.shape_)
-    NSA_CHECK(v >= 0, "negative tensor dimension in shape {}", to_string(t.shape_));
-  t.bytes_.resize(static_cast<size_t>(nsa::numel(t.shape_)) * dtype_size(dtype));
-  return t;
+  return Tensor(dtype, std::move(shape), false);
 }
 
 Tensor Tensor::to_f32() const {
