@@ -235,6 +235,7 @@ class CudaBackend final : public Backend {
   int tc_stages_ = 2;          // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
   bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -282,6 +283,8 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(prefill_chunk_ >= 1,
               "NSA_CUDA_PREFILL_CHUNK: value '{}' is not valid; allowed: an integer >= 1", chunk);
   }
+  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
+  kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
   NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
   NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
@@ -644,12 +647,14 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
   return true;
 }
 
+constexpr int kPrefillWarps = 8;
+
 // The tiled prefill kernels for these head dims (the tensor-core kernel's set), or none. Blocks
 // of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
 // (docs/perf-cuda-prefill.md). `stages`: the key ring of the selected pass (2 or 3).
 template <typename T>
 PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
-  constexpr int W = 8;
+  constexpr int W = kPrefillWarps;
   PrefillKernels k;
   (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, k) ||
          pick_prefill<T, 64, 64, W>(dk, dv, stages, k) ||
@@ -658,10 +663,8 @@ PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
   return k;
 }
 
-// Static shared memory of the cmp kernel (its per-warp chosen-block lists), kept out of the
-// dynamic budget.
-constexpr size_t kPrefillStaticSmem = 8 * 64 * sizeof(int32_t);
-constexpr size_t kMaxDynamicSmem = 227 * 1024 - kPrefillStaticSmem;
+// The cmp kernel's static shared memory is kept out of the dynamic budget.
+constexpr size_t kMaxDynamicSmem = 227 * 1024 - cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem;
 
 bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
@@ -775,8 +778,7 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   attention_ms_ = 0.0;
   // Development aid: NSA_CUDA_KERNEL_TIMES=1 puts an event after every kernel and prints each
   // kernel's time summed over the launches to stderr.
-  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
-  const bool kernel_times = kt_env != nullptr && std::string_view(kt_env) == "1";
+  const bool kernel_times = kernel_times_;
   std::vector<std::pair<std::string, double>> kernel_ms;
   // Launches: [row0, row0 + R) of the B * T rows; with the tiled prefill never across sequences.
   const int64_t span = tiled ? T : rows;
@@ -912,8 +914,7 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   // Development aid: NSA_CUDA_KERNEL_TIMES=1 first runs the same steps eagerly with an event
   // after every kernel and prints each kernel's median time to stderr (the cache then advances
   // by 2 n steps).
-  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
-  const bool kernel_times = kt_env != nullptr && std::string_view(kt_env) == "1";
+  const bool kernel_times = kernel_times_;
   reserve(cache, cache.length + (kernel_times ? 2 * n : n));
   std::vector<uint8_t> host;
   for (const float* x : xs) {

@@ -115,22 +115,37 @@ __device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Spl
 // The tiled prefill's gated output of one (row, group) from the single cmp and window partials
 // and the sel output o_sel (0 when the sel branch is off), element idx = head * dv + e; the
 // branch outputs too when every branch is computed (inspection).
-template <typename T>
-__device__ __forceinline__ void fused_output(const StepParams& p, int64_t rg, int64_t idx,
-                                             float o_sel) {
-  const int64_t r = rg / p.G, g = rg % p.G, head = idx / p.dv, e = idx % p.dv;
-  const float* gate = p.gates + rg * 3;
-  const int64_t NS = n_splits_total(p);
+// What the fused output of one (row, group) needs besides the selected branch: loaded once per
+// block, not once per output element.
+struct FusedRow {
+  float gate[3];
+  bool use_c, use_w;  // the compressed / window partial exists (see fused_row)
+  int64_t rg;
+};
+
+__device__ __forceinline__ FusedRow fused_row(const StepParams& p, int64_t rg) {
+  FusedRow f;
+  f.rg = rg;
+  for (int i = 0; i < 3; ++i) f.gate[i] = p.gates[rg * 3 + i];
   // A branch's partial exists where its kernel ran for the row's tile (gate on or every branch
   // computed) and the row has keys: a tile before the first compressed token writes none.
-  const bool use_c = (p.compute_all || gate[0] != 0.f) && num_cmp(row_info(p, r).L, p.l, p.d) > 0;
-  const bool use_w = p.w > 0 && (p.compute_all || gate[2] != 0.f);
-  const float oc = use_c ? p.part_o[((rg * NS) * p.h + head) * p.dv + e] : 0.f;
-  const float ow = use_w ? p.part_o[((rg * NS + p.n_cmp_splits) * p.h + head) * p.dv + e] : 0.f;
+  f.use_c = (p.compute_all || f.gate[0] != 0.f) && num_cmp(row_info(p, rg / p.G).L, p.l, p.d) > 0;
+  f.use_w = p.w > 0 && (p.compute_all || f.gate[2] != 0.f);
+  return f;
+}
+
+// The gated output of all three branches for element idx = head * dv + e of a (row, group).
+template <typename T>
+__device__ __forceinline__ void fused_output(const StepParams& p, const FusedRow& f, int64_t idx,
+                                             float o_sel) {
+  const int64_t rg = f.rg, r = rg / p.G, g = rg % p.G, head = idx / p.dv, e = idx % p.dv;
+  const int64_t NS = n_splits_total(p);
+  const float oc = f.use_c ? p.part_o[((rg * NS) * p.h + head) * p.dv + e] : 0.f;
+  const float ow = f.use_w ? p.part_o[((rg * NS + p.n_cmp_splits) * p.h + head) * p.dv + e] : 0.f;
   float o = 0.f;
-  if (gate[0] != 0.f) o += gate[0] * oc;
-  if (gate[1] != 0.f) o += gate[1] * o_sel;
-  if (gate[2] != 0.f) o += gate[2] * ow;
+  if (f.gate[0] != 0.f) o += f.gate[0] * oc;
+  if (f.gate[1] != 0.f) o += f.gate[1] * o_sel;
+  if (f.gate[2] != 0.f) o += f.gate[2] * ow;
   const int64_t at = (r * p.H + g * p.h) * p.dv + idx;
   static_cast<T*>(p.o)[at] = from_f32<T>(o);
   if (p.compute_all) {
@@ -150,8 +165,8 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
   Split sp;
   if (!split_range<T>(p, phase, sp)) {
     if (p.sel_fused) {  // the sel branch is off for this row: the output from the other two
-      for (int64_t i = threadIdx.x; i < p.h * DV; i += blockDim.x)
-        fused_output<T>(p, sp.rg, i, 0.f);
+      const FusedRow f = fused_row(p, sp.rg);
+      for (int64_t i = threadIdx.x; i < p.h * DV; i += blockDim.x) fused_output<T>(p, f, i, 0.f);
     }
     return;
   }
@@ -325,12 +340,13 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
     }
   }
   if (p.sel_fused) {
+    const FusedRow f = fused_row(p, sp.rg);
     __syncthreads();
     for (int i = threadIdx.x; i < h * DV; i += blockDim.x) {
       float a = 0.f;
 #pragma unroll
       for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
-      fused_output<T>(p, sp.rg, i, a * inv_l[i / DV]);
+      fused_output<T>(p, f, i, a * inv_l[i / DV]);
     }
     return;
   }

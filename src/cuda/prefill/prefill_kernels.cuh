@@ -24,6 +24,9 @@ namespace nsa::cuda {
 template <int W>
 struct PfWarps {
   static constexpr int kWarps = W, kThreads = 32 * W, kRows = 16 * W;
+  static constexpr int kMaxChosen = 64;  // n_sel <= 64 (checked when the backend is built)
+  // Static shared memory of the cmp kernel: each warp's chosen-block list.
+  static constexpr size_t kCmpStaticSmem = size_t{W} * kMaxChosen * sizeof(int32_t);
 };
 
 template <int DK, int DV>
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   using Wp = PfWarps<W>;
   constexpr int kTile = Sh::kTile;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ int32_t chosen[W][64];
+  __shared__ int32_t chosen[W][Wp::kMaxChosen];
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
