@@ -37,7 +37,7 @@ log "compute-sanitizer memcheck + racecheck"
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*' > sanitizer_$tool.log 2>&1
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*' > sanitizer_$tool.log 2>&1
   rc=$?
   ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
   theirs=$(grep -E "Race reported" sanitizer_$tool.log | grep -c "nvjet_")
@@ -55,7 +55,7 @@ if [ "$MODE" != decode ]; then
   log "per-kernel times of one 64k prefill (NSA_CUDA_KERNEL_TIMES=1: an event after every kernel)"
   NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 | grep "^forward T=65536" |
-    tail -1 | tee -a "$OUT/summary.txt"
+    tail -2 | tee -a "$OUT/summary.txt"
   log "the same through the row-step kernels (NSA_CUDA_PREFILL=rows), same run"
   NSA_CUDA_PREFILL=rows $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 8192,16384 --iters 2 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
@@ -69,9 +69,15 @@ fi
 log "seed decode benchmark on the GPU"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
   --device cuda --csv "$OUT/decode_cuda_seed.csv" | tee -a "$OUT/summary.txt"
-log "seed decode benchmark, programmatic dependent launch on (NSA_CUDA_PDL=1), same run"
-NSA_CUDA_PDL=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
-  --device cuda | tee -a "$OUT/summary.txt"
+log "seed decode benchmark through the step kernels (NSA_CUDA_FUSED_DECODE=off), same run"
+NSA_CUDA_FUSED_DECODE=off $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 \
+  --iters 32 --warmup 8 --device cuda | tee -a "$OUT/summary.txt"
+log "seed decode, per-kernel medians (NSA_CUDA_KERNEL_TIMES=1, eager steps), fused and step kernels"
+for f in auto off; do
+  NSA_CUDA_FUSED_DECODE=$f NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 \
+    --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep "kernel us" | sed "s/^/fused=$f: /" |
+    tee -a "$OUT/summary.txt"
+done
 
 log "paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), bf16, random-filled cache"
 for B in 1 16; do

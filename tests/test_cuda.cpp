@@ -165,17 +165,50 @@ void check_case(const Case& k) {
   EXPECT_GE(compared * 10, total_rows * 9);
 }
 
+// Both decode paths: the step kernels, and the fused kernel (the automatic choice for short
+// contexts) forced on at every length.
 TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
   REQUIRE_GPU();
+  for (const char* fused : {"off", "on"}) {
+    SCOPED_TRACE(fmt::format("NSA_CUDA_FUSED_DECODE={}", fused));
+    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", fused);
+    const Case cases[] = {
+        {2, 2, 32, 32, 3, 1, 40, DType::kF32},     // h = 1, first emission and block at t = 31, 63
+        {4, 2, 64, 64, 3, 60, 12, DType::kF32},    // h = 2, crosses the block boundary at 64
+        {8, 2, 128, 128, 1, 700, 9, DType::kF32},  // h = 4, window (512) smaller than the context
+        {16, 1, 192, 128, 1, 1000, 4, DType::kF32},   // h = 16, the paper's head dims
+        {16, 1, 192, 128, 1, 4990, 12, DType::kF32},  // contexts to 5001, 16 selected of 78 blocks
+        {32, 2, 128, 128, 3, 300, 4, DType::kF32},    // h = 16, B = 3
+    };
+    for (const Case& k : cases) check_case(k);
+  }
+}
+
+// The fused decode kernel with 16-bit storage (it attends with FFMA whatever the storage) and
+// selection blocks that are not 64 keys long; small enough for compute-sanitizer.
+TEST(Cuda, FusedDecodeSmall) {
+  REQUIRE_GPU();
+  const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", "on");
   const Case cases[] = {
-      {2, 2, 32, 32, 3, 1, 40, DType::kF32},        // h = 1, first emission and block at t = 31, 63
-      {4, 2, 64, 64, 3, 60, 12, DType::kF32},       // h = 2, crosses the block boundary at 64
-      {8, 2, 128, 128, 1, 700, 9, DType::kF32},     // h = 4, window (512) smaller than the context
-      {16, 1, 192, 128, 1, 1000, 4, DType::kF32},   // h = 16, the paper's head dims
-      {16, 1, 192, 128, 1, 4990, 12, DType::kF32},  // contexts up to 5001, 16 selected of 78 blocks
-      {32, 2, 128, 128, 3, 300, 4, DType::kF32},    // h = 16, B = 3
+      {4, 2, 64, 64, 2, 150, 4, DType::kBF16},
+      {2, 2, 32, 32, 3, 1, 34, DType::kF16},             // from the first token
+      {16, 1, 192, 128, 1, 300, 3, DType::kBF16, 32},    // l_sel 32
+      {8, 2, 128, 128, 2, 200, 3, DType::kF16, 96},      // l_sel 96
+      {8, 2, 64, 64, 2, 100, 3, DType::kF32, 64, 1100},  // a second prefill, then decode
   };
   for (const Case& k : cases) check_case(k);
+}
+
+TEST(Cuda, FusedDecodeKnobIsChecked) {
+  REQUIRE_GPU();
+  const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", "sometimes");
+  const Config c = case_config({4, 2, 64, 64, 1, 0, 0, DType::kF32});
+  try {
+    Layer gpu(c, random_weights(c, 3), gpu_options());
+    FAIL() << "no error for NSA_CUDA_FUSED_DECODE=sometimes";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("NSA_CUDA_FUSED_DECODE"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
@@ -281,11 +314,15 @@ TEST(Cuda, TiledPrefillSmall) {
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   REQUIRE_GPU();
   Config c = case_config({8, 2, 64, 64, 2, 0, 0, DType::kF32});
-  // fp32: the row-step prefill; bf16: the tiled prefill.
-  for (DType dtype : {DType::kF32, DType::kBF16}) {
+  // fp32: the row-step prefill; bf16: the tiled prefill. The decode step through the fused
+  // kernel (auto at this length) and the step kernels.
+  for (int combo = 0; combo < 4; ++combo) {
+    const DType dtype = combo % 2 == 0 ? DType::kF32 : DType::kBF16;
+    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", combo < 2 ? "auto" : "off");
     const double tol = dtype == DType::kF32 ? 1e-4 : 2e-2;
     for (int branch = 0; branch < 3; ++branch) {
-      SCOPED_TRACE(fmt::format("{} branch {}", to_string(dtype), branch));
+      SCOPED_TRACE(fmt::format("{} branch {} fused decode {}", to_string(dtype), branch,
+                               combo < 2 ? "auto" : "off"));
       auto w = random_weights(c, 5);
       force_gate(w, branch);
       LayerOptions cpu_opt;
@@ -301,9 +338,7 @@ TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   }
 }
 
-// The graph-replayed timing path leaves the cache exactly where plain decode steps would.
-TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
-  REQUIRE_GPU();
+void graph_decode_case() {
   const Config c = case_config({8, 2, 64, 64, 3, 0, 0, DType::kF32});
   const auto w = random_weights(c, 21);
   Layer gpu(c, w, gpu_options()), cpu(c, w);
@@ -323,6 +358,17 @@ TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
   gi.want = ci.want = InspectRequest::all();
   EXPECT_LT(test::rel_l2(gpu.decode(gc, last, &gi), cpu.decode(cc, last, &ci)), 1e-4);
   EXPECT_EQ(0, std::memcmp(gi.reads.raw(), ci.reads.raw(), gi.reads.nbytes()));
+}
+
+// The graph-replayed timing path leaves the cache exactly where plain decode steps would: through
+// the fused kernel (auto at this length) and the step kernels.
+TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
+  REQUIRE_GPU();
+  for (const char* fused : {"auto", "off"}) {
+    SCOPED_TRACE(fmt::format("NSA_CUDA_FUSED_DECODE={}", fused));
+    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", fused);
+    graph_decode_case();
+  }
 }
 
 TEST(Cuda, DecodeIsDeterministic) {

@@ -1,6 +1,7 @@
 // Host tensor, dtype names and 16-bit float conversions.
 #include "nsa/tensor.h"
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -132,7 +133,15 @@ void convert_from_f32(const float* src, int64_t n, DType dtype, void* dst) {
   NSA_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
             "cannot convert floats to {}", to_string(dtype));
   if (dtype == DType::kF32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    // Threaded for large n: the copy also takes a fresh destination's first-touch page faults.
+    constexpr int64_t kChunk = int64_t{1} << 18;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    auto* out = static_cast<float*>(dst);
+#pragma omp parallel for schedule(static) if (chunks > 4)
+    for (int64_t c = 0; c < chunks; ++c) {
+      std::memcpy(out + c * kChunk, src + c * kChunk,
+                  static_cast<size_t>(std::min(kChunk, n - c * kChunk)) * sizeof(float));
+    }
     return;
   }
   auto* out = static_cast<uint16_t*>(dst);

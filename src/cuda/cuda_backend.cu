@@ -76,6 +76,10 @@ using cuda::StepParams;
 
 // Dynamic shared memory the selection kernel may use (its static arrays take ~2 KiB more).
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
+// The fused decode kernel: dynamic shared memory it may use (its static arrays take ~2 KiB), and
+// the longest context the automatic choice gives it (docs/perf-cuda-decode.md).
+constexpr size_t kMaxFusedSmem = size_t{220} << 10;
+constexpr int64_t kFusedMaxLength = 4096;
 
 // Owning device buffer.
 class DeviceBuffer {
@@ -203,6 +207,10 @@ class CudaBackend final : public Backend {
   void bind_workspace(StepParams& p) const;
   // Selection blocks (complete or not) a sequence of `cap` tokens can have.
   int64_t nb_cap(int64_t cap) const { return cap / c_.l_sel + 1; }
+  // Whether a decode step over R rows runs as the one fused attention kernel
+  // (NSA_CUDA_FUSED_DECODE).
+  bool fused_decode(const CudaCache& cache, int64_t R) const;
+  size_t fused_smem(const CudaCache& cache, int64_t splits) const;
   // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                       int64_t advance, bool tiled = false);
@@ -214,6 +222,8 @@ class CudaBackend final : public Backend {
                     bool time_attention = false, int64_t tiled_nb_max = 0);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
+  // Copies the first n floats of y_ to dst (host) once the stream has finished the step.
+  void copy_out(float* dst, int64_t n);
   // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
   // drains (programmatic dependent launch; the kernels wait for their inputs).
   template <typename... Params, typename... Args>
@@ -236,6 +246,9 @@ class CudaBackend final : public Backend {
   bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
+  // NSA_CUDA_FUSED_DECODE: auto (short contexts, few rows), on (every decode step that fits),
+  // off (always the step kernels).
+  enum class Fused { kAuto, kOn, kOff } fused_ = Fused::kAuto;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -243,8 +256,10 @@ class CudaBackend final : public Backend {
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
   // Per-step workspace (grown outside graph capture only, see ensure_workspace).
   PinnedBuffer x_host_;  // one launch's input rows in the storage type, on their way to x_
+  PinnedBuffer y_host_;  // two chunks of output rows on their way from y_ to the caller
+  cudaEvent_t out_ready_[2] = {nullptr, nullptr};  // a chunk of y_host_ has arrived
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
-      sel_blocks_, sel_count_, reads_, done_, o_cmp_, o_sel_, o_win_, o_, y_;
+      sel_blocks_, sel_count_, reads_, done_, rg_done_, o_cmp_, o_sel_, o_win_, o_, y_;
 };
 
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
@@ -283,10 +298,17 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(prefill_chunk_ >= 1,
               "NSA_CUDA_PREFILL_CHUNK: value '{}' is not valid; allowed: an integer >= 1", chunk);
   }
+  if (const char* mode = std::getenv("NSA_CUDA_FUSED_DECODE"); mode != nullptr) {
+    const std::string_view m(mode);
+    NSA_CHECK(m == "auto" || m == "on" || m == "off",
+              "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: auto, on, off", mode);
+    fused_ = m == "on" ? Fused::kOn : m == "off" ? Fused::kOff : Fused::kAuto;
+  }
   const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
   kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
   NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
   NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
+  for (auto& e : out_ready_) NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
   // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
@@ -318,6 +340,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
 CudaBackend::~CudaBackend() {
   if (attn_begin_) cudaEventDestroy(attn_begin_);
   if (attn_end_) cudaEventDestroy(attn_end_);
+  for (auto& e : out_ready_) {
+    if (e) cudaEventDestroy(e);
+  }
   if (blas_) cublasDestroy(blas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -390,6 +415,10 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   if (!done_.get()) {
     done_ = DeviceBuffer(sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(done_.get(), 0, done_.bytes()));
+  }
+  if (rg_done_.bytes() < static_cast<size_t>(rows * G) * sizeof(uint32_t)) {  // counters: zeroed
+    rg_done_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(uint32_t));
+    NSA_CUDA_CHECK(cudaMemset(rg_done_.get(), 0, rg_done_.bytes()));
   }
   grow(o_cmp_, rows * H * dv, 4);
   grow(o_sel_, rows * H * dv, 4);
@@ -492,6 +521,7 @@ void CudaBackend::bind_workspace(StepParams& p) const {
   p.sel_count = sel_count_.as<int32_t>();
   p.reads = reads_.as<int32_t>();
   p.done = done_.as<uint32_t>();
+  p.rg_done = rg_done_.as<uint32_t>();
   p.o_cmp = o_cmp_.as<float>();
   p.o_sel = o_sel_.as<float>();
   p.o_win = o_win_.as<float>();
@@ -510,10 +540,62 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.sel_fused = 1;
     p.len_out = nullptr;
     p.advance = 0;
+  } else if (T == 1 && fused_decode(cache, R)) {
+    // One block per (row, group) and split; block y takes the selected and the window split y.
+    const int64_t tile = cuda::kTileKeys;
+    const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
+    const int64_t win_tiles = (c_.w + tile - 1) / tile;
+    p.fused_decode = 1;
+    p.n_cmp_splits = 1;
+    p.n_sel_splits = p.n_win_splits =
+        std::clamp<int64_t>(std::max(sel_tiles, win_tiles), 1, cuda::kMaxSplits);
   }
   ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled);
   bind_workspace(p);
   return p;
+}
+
+// Through the pinned staging buffer in chunks: the host copies chunk i on (threaded, which also
+// takes a fresh output tensor's first-touch page faults on several cores) while chunk i + 1 is in
+// flight. One pageable cudaMemcpy into a fresh 671 MB tensor was the largest host cost of a 64k
+// prefill (docs/perf-cuda-prefill.md).
+void CudaBackend::copy_out(float* dst, int64_t n) {
+  constexpr int64_t kChunk = int64_t{8} << 20;  // floats (32 MiB)
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  auto* stage = static_cast<float*>(
+      y_host_.reserve(static_cast<size_t>(std::min(n, 2 * kChunk)) * sizeof(float)));
+  auto chunk_size = [&](int64_t i) { return std::min(kChunk, n - i * kChunk); };
+  for (int64_t i = 0; i <= chunks; ++i) {
+    if (i < chunks) {
+      NSA_CUDA_CHECK(cudaMemcpyAsync(stage + (i % 2) * kChunk, y_.as<float>() + i * kChunk,
+                                     static_cast<size_t>(chunk_size(i)) * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream_));
+      NSA_CUDA_CHECK(cudaEventRecord(out_ready_[i % 2], stream_));
+    }
+    if (i > 0) {
+      const int64_t j = i - 1;
+      NSA_CUDA_CHECK(cudaEventSynchronize(out_ready_[j % 2]));
+      convert_from_f32(stage + (j % 2) * kChunk, chunk_size(j), DType::kF32, dst + j * kChunk);
+    }
+  }
+}
+
+bool CudaBackend::fused_decode(const CudaCache& cache, int64_t R) const {
+  if (fused_ == Fused::kOff) return false;
+  const int64_t tile = cuda::kTileKeys;
+  const int64_t splits = std::clamp<int64_t>(
+      std::max((c_.n_sel * c_.l_sel + tile - 1) / tile, (c_.w + tile - 1) / tile), 1,
+      cuda::kMaxSplits);
+  if (fused_smem(cache, splits) > kMaxFusedSmem) return false;
+  if (fused_ == Fused::kOn) return true;
+  // Every block repeats the prepare, the compressed branch, the scoring and the selection of its
+  // (row, group): worth it while those are short and the blocks fit in about one wave.
+  return cache.length + 1 <= kFusedMaxLength && R * c_.groups * splits <= 2 * sms_;
+}
+
+size_t CudaBackend::fused_smem(const CudaCache& cache, int64_t splits) const {
+  return cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l, c_.d,
+                                c_.l_sel, nb_cap(cache.cap), splits);
 }
 
 void CudaBackend::probe(const char* name) {
@@ -586,6 +668,14 @@ template <typename T>
 void CudaBackend::enqueue_kernels(const StepParams& p) {
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
   const auto G = static_cast<unsigned>(p.G);
+  if (p.fused_decode) {
+    launch("fused_decode", cuda::nsa_fused_decode_kernel<T>,
+           dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(cuda::kFusedThreads),
+           cuda::fused_smem_bytes(p.h, p.dk, p.dv, p.g_hid, p.l, p.d, p.l_sel, p.nb_cap,
+                                  p.n_sel_splits),
+           p);
+    return;
+  }
   // A decode step (one token per sequence) emits inside the prepare kernel; prefill rows of one
   // sequence are spread over blocks, so their emission runs after every row is appended.
   const int emit_inside = p.T == 1 ? 1 : 0;
@@ -749,13 +839,13 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, rows = B * T;
   // Host-side phases in ms (printed with NSA_CUDA_KERNEL_TIMES=1): reserve, prepare, convert,
-  // wait (the launch's device work and copies, host blocked), total.
+  // wait (the launch's device work and copies, host blocked), copy out (y to the host), total.
   using Clock = std::chrono::steady_clock;
   const auto t_start = Clock::now();
   auto since = [](Clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   };
-  double host_ms[4] = {0, 0, 0, 0};
+  double host_ms[5] = {0, 0, 0, 0, 0};
   reserve(cache, cache.length + T);
   host_ms[0] = since(t_start);
   const bool all = inspect != nullptr && inspect->want.any();
@@ -805,9 +895,6 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       enqueue_step(p, x_.get(), y_.as<float>(), true, true,
                    tiled ? prefill_nb_max(cache.length + off + R) : 0);
       probes_ = nullptr;
-      NSA_CUDA_CHECK(cudaMemcpyAsync(y + row0 * c_.dim, y_.get(),
-                                     static_cast<size_t>(R * c_.dim) * sizeof(float),
-                                     cudaMemcpyDeviceToHost, stream_));
       if (all) {
         auto back = [&](Tensor& dst, const DeviceBuffer& src, int64_t per) {
           if (dst.empty()) return;
@@ -826,6 +913,9 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       t0 = Clock::now();
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
       host_ms[3] += since(t0);
+      t0 = Clock::now();
+      copy_out(y + row0 * c_.dim, R * c_.dim);
+      host_ms[4] += since(t0);
       float ms = 0.f;
       NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_begin_, attn_end_));
       attention_ms_ += ms;
@@ -851,8 +941,8 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     fmt::print(stderr, "forward T={} kernel ms (summed over {} rows):{}\n", T, rows, line);
     fmt::print(stderr,
                "forward T={} host ms: reserve {:.1f} prepare {:.1f} convert {:.1f} wait {:.1f} "
-               "total {:.1f}\n",
-               T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], since(t_start));
+               "copy out {:.1f} total {:.1f}\n",
+               T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], host_ms[4], since(t_start));
   }
   cache.length += T;
 }

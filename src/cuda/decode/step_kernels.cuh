@@ -4,6 +4,7 @@
 // loaded once into shared memory for all heads of a group.
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 
 #include "cuda/common/types.cuh"
@@ -222,10 +223,12 @@ __device__ __forceinline__ void stage_blocks(const StepParams& p, Split& sp, int
   sp.blocks = blocks_s;
 }
 
-// Fills sp for this block. Returns false when the split has no keys or its branch is gated off.
+// Fills sp for split s of (row, group) rg in this phase. Returns false when the split has no keys
+// or its branch is gated off.
 template <typename T>
-__device__ __forceinline__ bool split_range(const StepParams& p, int phase, Split& sp) {
-  sp.rg = blockIdx.x;
+__device__ __forceinline__ bool split_range(const StepParams& p, int phase, int64_t rg, int64_t s,
+                                            Split& sp) {
+  sp.rg = rg;
   sp.r = sp.rg / p.G;
   sp.g = sp.rg % p.G;
   // Independent loads first, so their latencies overlap.
@@ -233,7 +236,7 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   const float g0 = gate[0], g1 = gate[1], g2 = gate[2];
   const int32_t sel_tokens = phase == 1 ? p.reads[sp.rg * 3 + 1] : 0;
   const RowInfo ri = row_info(p, sp.r);
-  int64_t s = blockIdx.y, total = 0, splits = 1;
+  int64_t total = 0, splits = 1;
   sp.base = 0;
   sp.blocks = nullptr;
   sp.l_sel = static_cast<int32_t>(p.l_sel);
@@ -274,6 +277,12 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   sp.K = static_cast<const T*>(K) + cache_at(p, ri.b, sp.g, 0, p.dk, cap);
   sp.V = static_cast<const T*>(V) + cache_at(p, ri.b, sp.g, 0, p.dv, cap);
   return true;
+}
+
+// The split of this block: (row, group) blockIdx.x, split blockIdx.y.
+template <typename T>
+__device__ __forceinline__ bool split_range(const StepParams& p, int phase, Split& sp) {
+  return split_range<T>(p, phase, blockIdx.x, blockIdx.y, sp);
 }
 
 // Copies rows [0, nk) of a K or V tile (row j at src_row(j), `width` elements) into shared
@@ -333,17 +342,11 @@ __device__ __forceinline__ float* partial_out(const StepParams& p, const Split& 
   return p.part_o + (sp.rg * n_splits_total(p) + sp.index) * p.h * p.dv;
 }
 
-// FFMA split attention: fp32 storage, and the shapes the tensor-core kernel does not take.
-// Tiles of kTileKeys keys; one warp per head for the online softmax.
+// FFMA attention of one split (fp32 storage, and the shapes the tensor-core kernel does not
+// take): tiles of kTileKeys keys, one warp per head for the online softmax; writes the split's
+// partial (and the compressed logits). smem: ffma_smem_bytes. Ends with the block synchronised.
 template <typename T>
-__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
-  extern __shared__ float smem[];
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  __shared__ int32_t blocks_s[64];
-  Split sp;
-  if (!split_range<T>(p, phase, sp)) return;
-  stage_blocks(p, sp, blocks_s);
+__device__ __forceinline__ void ffma_attend(const StepParams& p, const Split& sp, float* smem) {
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int kst = dk + 1;        // odd row stride: the threads of a warp read 32 different banks
@@ -428,6 +431,20 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
   for (int i = threadIdx.x; i < h; i += blockDim.x) store_partial(p, sp, i, m[i], s[i]);
   float* out = partial_out(p, sp);
   for (int i = threadIdx.x; i < h * dv; i += blockDim.x) out[i] = acc[i];
+  __syncthreads();  // the caller may reuse smem
+}
+
+// FFMA split attention: one split per block.
+template <typename T>
+__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
+  extern __shared__ float smem[];
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  __shared__ int32_t blocks_s[64];
+  Split sp;
+  if (!split_range<T>(p, phase, sp)) return;
+  stage_blocks(p, sp, blocks_s);
+  ffma_attend<T>(p, sp, smem);
 }
 
 // Shared-memory bytes of nsa_attn_split_kernel.
@@ -456,14 +473,14 @@ __host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_se
   return (kScoreBlocks * l_sel + l - 1) / d + 2;  // compressed tokens one chunk overlaps
 }
 
-__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
-  extern __shared__ float smem[];  // head-summed p_cmp of the chunk's span, M[h], 1/S[h]
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  const int64_t rg = blockIdx.x, r = rg / p.G;
+// Chunk `chunk` of (row, group) rg. smem: score_smem_bytes (the head-summed p_cmp of the chunk's
+// span, M[h], 1/S[h]).
+__device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int64_t chunk,
+                                            float* smem) {
+  const int64_t r = rg / p.G;
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
-  const int64_t nb = ri.L / p.l_sel, j0 = blockIdx.y * kScoreBlocks;
+  const int64_t nb = ri.L / p.l_sel, j0 = chunk * kScoreBlocks;
   if (!(p.compute_all || gate[1] != 0.f) || j0 >= nb) return;
   const int64_t j1 = min(nb, j0 + kScoreBlocks), h = p.h;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
@@ -514,6 +531,13 @@ __global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) 
   }
 }
 
+__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
+  extern __shared__ float smem[];
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  score_chunk(p, blockIdx.x, blockIdx.y, smem);
+}
+
 // The forced blocks of a query at position t (SPEC section 3: 0, the current and the previous
 // block, de-duplicated) and how many candidates it takes: every complete block (of nb) that is
 // not forced is a candidate.
@@ -551,16 +575,14 @@ constexpr int kSelectThreads = 256;
 // scored blocks, found as the take-th largest key by a radix select (8 passes of 8 bits over
 // the unique keys: a fixed number of block-wide steps, whatever take is); reads of the three
 // branches.
-__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
-  extern __shared__ float score[];  // [nb]
+// (row, group) rg, with kSelectThreads threads; score: select_smem_bytes.
+__device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, float* score) {
   __shared__ uint32_t hist[256];
   __shared__ uint64_t prefix, mask;
   __shared__ int64_t remaining;
   __shared__ int64_t all[67];
   __shared__ int n_chosen, n_tokens;
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  const int64_t rg = blockIdx.x, r = rg / p.G;
+  const int64_t r = rg / p.G;
   const float g1 = p.gates[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
   const bool need_sel = p.compute_all || g1 != 0.f;
@@ -666,20 +688,26 @@ __global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p
   }
 }
 
+__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
+  extern __shared__ float score[];  // [nb]
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  select_row(p, blockIdx.x, score);
+}
+
 // Shared-memory bytes of nsa_select_kernel.
 inline size_t select_smem_bytes(int64_t nb_cap) {
   return sizeof(float) * static_cast<size_t>(nb_cap);
 }
 
-// --- 5. LSE combine of the three branches and gate mix, per (row, head) -----------------------
-// The block that finishes last advances the device length by p.advance: every block has read
-// the length by then, and nothing later in the step reads it.
+// --- 5. LSE combine of the three branches and gate mix ----------------------------------------
+// Heads [hh0, hh0 + nh) of (row r, group g). weight: [nh][3][ws] floats, ws >= the splits of
+// every branch. The partials are read through L2 (__ldcg): in the fused decode kernel other
+// blocks of the same launch wrote them.
 template <typename T>
-__global__ void nsa_combine_kernel(StepParams p) {
-  __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  const int64_t r = blockIdx.x, hd = blockIdx.y, g = hd / p.h, hh = hd % p.h, rg = r * p.G + g;
+__device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, int64_t g,
+                                              int64_t hh0, int64_t nh, float* weight, int64_t ws) {
+  const int64_t rg = r * p.G + g;
   // Independent loads first, so their latencies overlap.
   const float gate[3] = {p.gates[rg * 3], p.gates[rg * 3 + 1], p.gates[rg * 3 + 2]};
   const int64_t sel_tokens = p.reads[rg * 3 + 1];
@@ -693,31 +721,37 @@ __global__ void nsa_combine_kernel(StepParams p) {
     if (!p.compute_all && gate[k] == 0.f) count[k] = 0;  // skipped branch: no partials written
   }
   const int64_t NS = n_splits_total(p);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (warp < 3) {  // one warp per branch: max and sum over the splits
-    const int k = warp;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  // One warp per (head, branch): max and sum over the splits.
+  for (int64_t task = warp; task < nh * 3; task += n_warps) {
+    const int64_t hh = hh0 + task / 3;
+    const int k = static_cast<int>(task % 3);
     const float* pm = p.part_m + (rg * NS + first[k]) * p.h + hh;
     const float* ps = p.part_s + (rg * NS + first[k]) * p.h + hh;
+    float* wk = weight + task * ws;
     float M = -FLT_MAX;
-    for (int64_t sp = lane; sp < count[k]; sp += 32) M = fmaxf(M, pm[sp * p.h]);
+    for (int64_t sp = lane; sp < count[k]; sp += 32) M = fmaxf(M, __ldcg(pm + sp * p.h));
     for (int off = 16; off > 0; off /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float S = 0.f;
-    for (int64_t sp = lane; sp < count[k]; sp += 32) S += ps[sp * p.h] * expf(pm[sp * p.h] - M);
+    for (int64_t sp = lane; sp < count[k]; sp += 32)
+      S += __ldcg(ps + sp * p.h) * expf(__ldcg(pm + sp * p.h) - M);
     for (int off = 16; off > 0; off /= 2) S += __shfl_xor_sync(0xffffffffu, S, off);
     for (int64_t sp = lane; sp < count[k]; sp += 32)
-      weight[k][sp] = S > 0.f ? expf(pm[sp * p.h] - M) / S : 0.f;
+      wk[sp] = S > 0.f ? expf(__ldcg(pm + sp * p.h) - M) / S : 0.f;
   }
   __syncthreads();
-  for (int64_t e = threadIdx.x; e < p.dv; e += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < nh * p.dv; i += blockDim.x) {
+    const int64_t j = i / p.dv, hh = hh0 + j, e = i % p.dv;
     float out[3];
     for (int k = 0; k < 3; ++k) {
       const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
+      const float* wk = weight + (j * 3 + k) * ws;
       float o = 0.f;
 #pragma unroll 8
-      for (int64_t sp = 0; sp < count[k]; ++sp) o += weight[k][sp] * po[sp * p.h * p.dv];
+      for (int64_t sp = 0; sp < count[k]; ++sp) o += wk[sp] * __ldcg(po + sp * p.h * p.dv);
       out[k] = o;
     }
-    const int64_t at = (r * p.H + hd) * p.dv + e;
+    const int64_t at = (r * p.H + g * p.h + hh) * p.dv + e;
     if (p.compute_all) {  // per-branch outputs are only read back for inspection
       p.o_cmp[at] = out[0];
       p.o_sel[at] = out[1];
@@ -729,16 +763,85 @@ __global__ void nsa_combine_kernel(StepParams p) {
     }
     static_cast<T*>(p.o)[at] = from_f32<T>(o);
   }
+}
+
+// Counts one finished unit (a combine block, or a (row, group) of the fused decode kernel); the
+// last of n advances the device length by p.advance: every unit has read the length by then,
+// and nothing later in the step reads it. Called by one thread.
+__device__ __forceinline__ void finish_step(const StepParams& p, uint32_t n) {
+  if (p.len_out == nullptr) return;
+  __threadfence();
+  if (atomicAdd(p.done, 1u) == n - 1) {
+    *p.len_out += p.advance;
+    *p.done = 0;
+  }
+}
+
+// One (row, head) per block.
+template <typename T>
+__global__ void nsa_combine_kernel(StepParams p) {
+  __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  const int64_t r = blockIdx.x, hd = blockIdx.y;
+  combine_heads<T>(p, r, hd / p.h, hd % p.h, 1, &weight[0][0], kMaxSplits);
   if (p.len_out == nullptr) return;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const uint32_t n_blocks = gridDim.x * gridDim.y;
-    if (atomicAdd(p.done, 1u) == n_blocks - 1) {
-      *p.len_out += p.advance;
-      *p.done = 0;
-    }
+  if (threadIdx.x == 0) finish_step(p, gridDim.x * gridDim.y);
+}
+
+// --- 6. The whole attention of a decode step in one kernel (short contexts) ------------------
+// Grid (row, group) x P blocks of kFusedThreads. Every block of a (row, group) does the prepare,
+// the compressed branch, the scoring and the selection itself (identical results, identical
+// writes: cheap at short contexts, and no launch or grid-wide wait between them); then block y
+// takes the selected split y and the window split y (n_sel_splits = n_win_splits = P,
+// n_cmp_splits = 1). The last block of the (row, group) to finish combines. A decode step is
+// then three graph nodes: the input GEMM, this kernel and the output GEMM.
+constexpr int kFusedThreads = kSelectThreads;
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads) nsa_fused_decode_kernel(StepParams p) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ int32_t blocks_s[64];
+  __shared__ bool last;
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  float* smem = reinterpret_cast<float*>(fused_smem);
+  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G, y = blockIdx.y;
+  prepare_row<T>(p, r, g, 1, reinterpret_cast<double*>(fused_smem));
+  __syncthreads();
+  Split sp;
+  if (split_range<T>(p, 0, rg, 0, sp)) ffma_attend<T>(p, sp, smem);
+  for (int64_t c = 0; c * kScoreBlocks < p.nb_cap; ++c) {
+    score_chunk(p, rg, c, smem);
+    __syncthreads();
   }
+  select_row(p, rg, smem);
+  __syncthreads();
+  if (split_range<T>(p, 1, rg, y, sp)) {
+    stage_blocks(p, sp, blocks_s);
+    ffma_attend<T>(p, sp, smem);
+  }
+  if (split_range<T>(p, 1, rg, p.n_sel_splits + y, sp)) ffma_attend<T>(p, sp, smem);
+  __threadfence();  // this block's partials are visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.rg_done + rg, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  combine_heads<T>(p, r, g, 0, p.h, smem, gridDim.y);
+  if (threadIdx.x == 0) {
+    p.rg_done[rg] = 0;
+    finish_step(p, gridDim.x);
+  }
+}
+
+// Shared-memory bytes of nsa_fused_decode_kernel (its phases reuse one buffer).
+inline size_t fused_smem_bytes(int64_t h, int64_t dk, int64_t dv, int64_t g_hid, int64_t l,
+                               int64_t d, int64_t l_sel, int64_t nb_cap, int64_t splits) {
+  return std::max({prepare_smem_bytes(h, dk, g_hid), ffma_smem_bytes(h, dk, dv),
+                   score_smem_bytes(h, l, d, l_sel), select_smem_bytes(nb_cap),
+                   sizeof(float) * static_cast<size_t>(h * 3 * splits)});
 }
 
 }  // namespace nsa::cuda

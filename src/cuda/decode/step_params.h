@@ -31,7 +31,11 @@ struct StepParams {
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)
-  uint32_t* done;      // [1] combine blocks finished (zero between launches)
+  uint32_t* done;      // [1] combine blocks (or fused (row, group)s) finished; zero between
+                       // launches
+  uint32_t* rg_done;   // [R, G] fused decode: blocks of the (row, group) finished; zero between
+                       // launches
+  int fused_decode;    // 1: the step runs as nsa_fused_decode_kernel (decode, T = 1)
   int64_t advance;
 
   // Inputs and weights (storage type unless noted)
