@@ -2,16 +2,17 @@
 # One device call: build with CUDA, run the GPU tests (and compute-sanitizer), then the CUDA
 # benchmarks; logs and CSVs go to $OUT (default ./device-out). Run from the repository root:
 #   scripts/vendor_deps.sh            # here, once: headers + GoogleTest for the GPU machine
-#   device run --carry .deps -- scripts/device_run.sh [quick|decode|prefill|full|profile]
-# quick: build, GPU tests, compute-sanitizer. decode / prefill: then that side's benchmarks (with
+#   device run --carry .deps -- scripts/device_run.sh [quick|seed|decode|prefill|full|profile]
+# quick: build, GPU tests, compute-sanitizer. seed: then the seed-shape decode benchmarks only
+# (fused and step kernels, per-kernel and per-phase times). decode / prefill: then that side's benchmarks (with
 # the dense PyTorch baseline in the same call). full: both sides. profile: full, then the ncu
 # per-kernel profile of a decode step.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 MODE=${1:-full}
-case "$MODE" in quick | decode | prefill | full | profile) ;; *)
-  echo "unknown mode '$MODE'; allowed: quick, decode, prefill, full, profile" >&2
+case "$MODE" in quick | seed | decode | prefill | full | profile) ;; *)
+  echo "unknown mode '$MODE'; allowed: quick, seed, decode, prefill, full, profile" >&2
   exit 2
   ;;
 esac
@@ -47,7 +48,7 @@ for tool in memcheck racecheck; do
 done
 [ "$MODE" = quick ] && exit 0
 
-if [ "$MODE" != decode ]; then
+if [ "$MODE" != decode ] && [ "$MODE" != seed ]; then
   log "prefill, paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), B 1, bf16: tiled kernels"
   $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 8192,16384,32768,65536,131072 --iters 3 --warmup 1 --device cuda --dtype bf16 \
@@ -75,9 +76,10 @@ NSA_CUDA_FUSED_DECODE=off $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64
 log "seed decode, per-kernel medians (NSA_CUDA_KERNEL_TIMES=1, eager steps), fused and step kernels"
 for f in auto off; do
   NSA_CUDA_FUSED_DECODE=$f NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 \
-    --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep "kernel us" | sed "s/^/fused=$f: /" |
+    --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep -E "kernel us|fused phases" | sed "s/^/fused=$f: /" |
     tee -a "$OUT/summary.txt"
 done
+[ "$MODE" = seed ] && exit 0
 
 log "paper shapes (dim 2560, H 64, G 4, dk 192, dv 128), bf16, random-filled cache"
 for B in 1 16; do

@@ -1017,15 +1017,27 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
   const size_t step_bytes = static_cast<size_t>(B * c_.dim) * esize_;
   if (kernel_times) {
     std::vector<std::pair<const char*, std::vector<float>>> per_kernel;
+    // The fused kernel's phases, in SM clocks of its block (0, 0), each step's differences.
+    StepParams pe = p;
+    DeviceBuffer stamps(sizeof(long long) * cuda::kFusedStamps);
+    std::vector<std::vector<long long>> phases(cuda::kFusedStamps - 1);
+    if (p.fused_decode) pe.stamps = stamps.as<long long>();
     for (int64_t i = 0; i < n; ++i) {
       NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes,
                                      cudaMemcpyDeviceToDevice, stream_));
       std::vector<std::pair<const char*, cudaEvent_t>> events;
       probes_ = &events;
       probe("start");
-      enqueue_step(p, x_.get(), y_.as<float>(), !attention_only);
+      if (pe.stamps) NSA_CUDA_CHECK(cudaMemsetAsync(stamps.get(), 0, stamps.bytes(), stream_));
+      enqueue_step(pe, x_.get(), y_.as<float>(), !attention_only);
       probes_ = nullptr;
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (pe.stamps && i >= warmup) {
+        long long st[cuda::kFusedStamps];
+        NSA_CUDA_CHECK(cudaMemcpy(st, stamps.get(), sizeof(st), cudaMemcpyDeviceToHost));
+        for (int k = 1; k < cuda::kFusedStamps; ++k)
+          if (st[k] != 0) phases[k - 1].push_back(st[k] - st[k - 1]);
+      }
       if (per_kernel.empty()) {
         for (size_t k = 1; k < events.size(); ++k)
           per_kernel.emplace_back(events[k].first, std::vector<float>{});
@@ -1044,6 +1056,16 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
       line += fmt::format(" {} {:.1f}", name, us.empty() ? 0.f : us[us.size() / 2]);
     }
     fmt::print(stderr, "kernel us (median, eager):{}\n", line);
+    if (pe.stamps) {
+      const char* names[] = {"prepare", "cmp", "score", "select", "sel", "win", "count", "combine"};
+      line.clear();
+      for (int k = 0; k + 1 < cuda::kFusedStamps; ++k) {
+        auto& v = phases[static_cast<size_t>(k)];
+        std::sort(v.begin(), v.end());
+        line += fmt::format(" {} {}", names[k], v.empty() ? 0 : v[v.size() / 2]);
+      }
+      fmt::print(stderr, "fused phases, SM clocks (median, block 0):{}\n", line);
+    }
   }
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;

@@ -619,7 +619,17 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
       if (forced[k] < nb) score[forced[k]] = -1.f;  // -1: not a candidate
   }
   __syncthreads();
-  if (take > 0) {
+  if (take > 0 && nb <= static_cast<int64_t>(blockDim.x)) {
+    // Few blocks (every one a thread): a candidate is taken when fewer than `take` candidates
+    // rank above it. One pass, no barriers.
+    const int64_t j = threadIdx.x;
+    const uint64_t kj = j < nb ? rank_key(score[j], j) : 0ull;
+    if (kj != 0ull) {
+      int64_t above = 0;
+      for (int64_t k = 0; k < nb; ++k) above += rank_key(score[k], k) > kj;
+      if (above < take) all[nf + atomicAdd(&n_chosen, 1)] = j;
+    }
+  } else if (take > 0) {
     // The take-th largest key, 8 bits per pass from the top: count the candidates that match
     // the digits found so far, per next digit; the digit where the count from the top reaches
     // `remaining` is the key's; the candidates above it are all taken.
@@ -808,28 +818,42 @@ __global__ void __launch_bounds__(kFusedThreads) nsa_fused_decode_kernel(StepPar
   pdl_launch_dependents(p.pdl);
   float* smem = reinterpret_cast<float*>(fused_smem);
   const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G, y = blockIdx.y;
+  // Development aid (NSA_CUDA_KERNEL_TIMES=1): SM clock at each phase boundary, block (0, 0).
+  const bool stamping = p.stamps != nullptr && rg == 0 && y == 0 && threadIdx.x == 0;
+  auto stamp = [&](int i) {
+    if (stamping) p.stamps[i] = clock64();
+  };
+  stamp(0);
   prepare_row<T>(p, r, g, 1, reinterpret_cast<double*>(fused_smem));
   __syncthreads();
+  stamp(1);
   Split sp;
   if (split_range<T>(p, 0, rg, 0, sp)) ffma_attend<T>(p, sp, smem);
+  stamp(2);
   for (int64_t c = 0; c * kScoreBlocks < p.nb_cap; ++c) {
     score_chunk(p, rg, c, smem);
     __syncthreads();
   }
+  stamp(3);
   select_row(p, rg, smem);
   __syncthreads();
+  stamp(4);
   if (split_range<T>(p, 1, rg, y, sp)) {
     stage_blocks(p, sp, blocks_s);
     ffma_attend<T>(p, sp, smem);
   }
+  stamp(5);
   if (split_range<T>(p, 1, rg, p.n_sel_splits + y, sp)) ffma_attend<T>(p, sp, smem);
+  stamp(6);
   __threadfence();  // this block's partials are visible before it is counted
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(p.rg_done + rg, 1u) == gridDim.y - 1;
   __syncthreads();
+  stamp(7);
   if (!last) return;
   __threadfence();
   combine_heads<T>(p, r, g, 0, p.h, smem, gridDim.y);
+  stamp(8);
   if (threadIdx.x == 0) {
     p.rg_done[rg] = 0;
     finish_step(p, gridDim.x);

@@ -11,6 +11,7 @@ namespace nsa::cuda {
 // kTileKeys keys, so the key count per split is decided on the device from the actual length.
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMaxSplits = 256;  // per branch
+constexpr int kFusedStamps = 9;      // StepParams::stamps entries
 
 struct StepParams {
   // Shapes
@@ -36,6 +37,9 @@ struct StepParams {
   uint32_t* rg_done;   // [R, G] fused decode: blocks of the (row, group) finished; zero between
                        // launches
   int fused_decode;    // 1: the step runs as nsa_fused_decode_kernel (decode, T = 1)
+  // Development aid: the fused kernel's block (0, 0) writes its SM clock at each phase boundary
+  // here ([kFusedStamps], unwritten entries keep their value); null: no stamps.
+  long long* stamps;
   int64_t advance;
 
   // Inputs and weights (storage type unless noted)
