@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -254,6 +255,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
+  DeviceBuffer rope_freq_;  // [dk / 2] doubles, as core::rope_inplace computes them
   // Per-step workspace (grown outside graph capture only, see ensure_workspace).
   PinnedBuffer x_host_;  // one launch's input rows in the storage type, on their way to x_
   PinnedBuffer y_host_;  // two chunks of output rows on their way from y_ to the caller
@@ -335,6 +337,14 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   fc1_b_ = upload(w.fc1_b.data<float>(), w.fc1_b.numel(), DType::kF32);
   fc2_w_ = upload(w.fc2_w.data<float>(), w.fc2_w.numel(), DType::kF32);
   fc2_b_ = upload(w.fc2_b.data<float>(), w.fc2_b.numel(), DType::kF32);
+  {
+    std::vector<double> freq(static_cast<size_t>(c.dk / 2));
+    for (size_t i = 0; i < freq.size(); ++i)
+      freq[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(c.dk));
+    rope_freq_ = DeviceBuffer(freq.size() * sizeof(double));
+    NSA_CUDA_CHECK(
+        cudaMemcpy(rope_freq_.get(), freq.data(), rope_freq_.bytes(), cudaMemcpyHostToDevice));
+  }
 }
 
 CudaBackend::~CudaBackend() {
@@ -486,7 +496,7 @@ StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_
   p.gate_sigmoid = c_.gate == GateKind::kSigmoid;
   p.gate_temp = static_cast<float>(c_.gate_temp);
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c_.dk)));
-  p.rope_theta = c_.rope_theta;
+  p.rope_freq = rope_freq_.as<double>();
   p.compute_all = compute_all;
   p.pdl = pdl_ ? 1 : 0;
   p.len = cache.len.as<int64_t>();

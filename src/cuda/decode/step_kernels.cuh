@@ -72,8 +72,7 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
   float* hid = u + dk;
   // Angles in double (positions reach 1e5), once per frequency.
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
-    const double a = static_cast<double>(ri.t) *
-                     pow(p.rope_theta, -2.0 * static_cast<double>(j) / static_cast<double>(p.dk));
+    const double a = static_cast<double>(ri.t) * p.rope_freq[j];
     sincos(a, &sn[j], &cs[j]);
   }
   __syncthreads();
@@ -330,6 +329,47 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int wi
   }
 }
 
+// Copies rows [0, nk) of a K tile and a V tile (row j at krow(j) / vrow(j)) into shared memory
+// as f32 (row strides kld, vld), with the loads of both tiles in flight together.
+template <typename T, typename KRow, typename VRow>
+__device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, int vld, int nk,
+                                                 int dk, int dv, KRow krow, VRow vrow) {
+  constexpr int kPer = 16 / sizeof(T), kStage = 4;  // elements per 16 bytes; loads per tile
+  if ((dk * sizeof(T)) % 16 != 0 || (dv * sizeof(T)) % 16 != 0) {
+    load_tile_f32<T>(ks, kld, nk, dk, krow);
+    load_tile_f32<T>(vs, vld, nk, dv, vrow);
+    return;
+  }
+  const int kvec = dk / kPer, vvec = dv / kPer, nK = nk * kvec, nV = nk * vvec;
+  for (int base = threadIdx.x; base < max(nK, nV); base += kStage * blockDim.x) {
+    uint4 rk[kStage], rv[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      rk[u] = i < nK ? __ldg(reinterpret_cast<const uint4*>(krow(i / kvec)) + i % kvec)
+                     : make_uint4(0, 0, 0, 0);
+      rv[u] = i < nV ? __ldg(reinterpret_cast<const uint4*>(vrow(i / vvec)) + i % vvec)
+                     : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < nK) {
+        const T* v = reinterpret_cast<const T*>(&rk[u]);
+        float* d = ks + (i / kvec) * kld + (i % kvec) * kPer;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
+      }
+      if (i < nV) {
+        const T* v = reinterpret_cast<const T*>(&rv[u]);
+        float* d = vs + (i / vvec) * vld + (i % vvec) * kPer;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
+      }
+    }
+  }
+}
+
 // Writes a split's partial result: running max m (natural log), sum s and unnormalised output o.
 __device__ __forceinline__ void store_partial(const StepParams& p, const Split& sp, int64_t head,
                                               float m, float s) {
@@ -345,8 +385,10 @@ __device__ __forceinline__ float* partial_out(const StepParams& p, const Split& 
 // FFMA attention of one split (fp32 storage, and the shapes the tensor-core kernel does not
 // take): tiles of kTileKeys keys, one warp per head for the online softmax; writes the split's
 // partial (and the compressed logits). smem: ffma_smem_bytes. Ends with the block synchronised.
+// Not inlined: the fused decode kernel calls it three times, so one copy of the code serves all
+// three from the instruction cache.
 template <typename T>
-__device__ __forceinline__ void ffma_attend(const StepParams& p, const Split& sp, float* smem) {
+__device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, float* smem) {
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int kst = dk + 1;        // odd row stride: the threads of a warp read 32 different banks
@@ -372,8 +414,9 @@ __device__ __forceinline__ void ffma_attend(const StepParams& p, const Split& sp
   for (int64_t j0 = sp.start; j0 < sp.start + sp.n; j0 += kTile) {
     const int nk = static_cast<int>(min(kTileKeys, sp.start + sp.n - j0));
     __syncthreads();
-    load_tile_f32<T>(ks, kst, nk, dk, [&](int j) { return K + key_pos(sp, j0 + j) * dk; });
-    load_tile_f32<T>(vs, dv, nk, dv, [&](int j) { return V + key_pos(sp, j0 + j) * dv; });
+    load_kv_tile_f32<T>(
+        ks, kst, vs, dv, nk, dk, dv, [&](int j) { return K + key_pos(sp, j0 + j) * dk; },
+        [&](int j) { return V + key_pos(sp, j0 + j) * dv; });
     __syncthreads();
     for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
       const int hh = i / kTile, j = i % kTile;

@@ -22,10 +22,10 @@ struct StepParams {
   int64_t n_cmp_splits, n_win_splits, n_sel_splits;  // splits per (row, group) of each branch
   int gate_sigmoid;
   float gate_temp;
-  float scale;  // 1/sqrt(dk)
-  double rope_theta;
-  int compute_all;  // 1: never skip zero-gated branches (inspection)
-  int pdl;          // 1: launched with programmatic dependent launch
+  float scale;              // 1/sqrt(dk)
+  const double* rope_freq;  // [dk / 2] theta^(-2 j / dk), computed on the host as the CPU does
+  int compute_all;          // 1: never skip zero-gated branches (inspection)
+  int pdl;                  // 1: launched with programmatic dependent launch
   // 1 (tiled prefill): the sel pass runs one split per (row, group) and writes the gated
   // output o itself from the single cmp and window partials (no combine kernel).
   int sel_fused;
