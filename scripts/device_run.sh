@@ -70,11 +70,11 @@ fi
 log "seed decode benchmark on the GPU"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
   --device cuda --csv "$OUT/decode_cuda_seed.csv" | tee -a "$OUT/summary.txt"
-log "seed decode benchmark through the step kernels (NSA_CUDA_FUSED_DECODE=off), same run"
-NSA_CUDA_FUSED_DECODE=off $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 \
+log "seed decode benchmark through the fused kernel (NSA_CUDA_FUSED_DECODE=on), same run"
+NSA_CUDA_FUSED_DECODE=on $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 \
   --iters 32 --warmup 8 --device cuda | tee -a "$OUT/summary.txt"
 log "seed decode, per-kernel medians (NSA_CUDA_KERNEL_TIMES=1, eager steps), fused and step kernels"
-for f in auto off; do
+for f in off on; do
   NSA_CUDA_FUSED_DECODE=$f NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 \
     --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep -E "kernel us|fused phases" | sed "s/^/fused=$f: /" |
     tee -a "$OUT/summary.txt"

@@ -165,8 +165,7 @@ void check_case(const Case& k) {
   EXPECT_GE(compared * 10, total_rows * 9);
 }
 
-// Both decode paths: the step kernels, and the fused kernel (the automatic choice for short
-// contexts) forced on at every length.
+// Both decode paths: the step kernels (default), and the fused kernel at every length.
 TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
   REQUIRE_GPU();
   for (const char* fused : {"off", "on"}) {
@@ -314,15 +313,15 @@ TEST(Cuda, TiledPrefillSmall) {
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   REQUIRE_GPU();
   Config c = case_config({8, 2, 64, 64, 2, 0, 0, DType::kF32});
-  // fp32: the row-step prefill; bf16: the tiled prefill. The decode step through the fused
-  // kernel (auto at this length) and the step kernels.
+  // fp32: the row-step prefill; bf16: the tiled prefill. The decode step through the step
+  // kernels and the fused kernel.
   for (int combo = 0; combo < 4; ++combo) {
     const DType dtype = combo % 2 == 0 ? DType::kF32 : DType::kBF16;
-    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", combo < 2 ? "auto" : "off");
+    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", combo < 2 ? "off" : "on");
     const double tol = dtype == DType::kF32 ? 1e-4 : 2e-2;
     for (int branch = 0; branch < 3; ++branch) {
       SCOPED_TRACE(fmt::format("{} branch {} fused decode {}", to_string(dtype), branch,
-                               combo < 2 ? "auto" : "off"));
+                               combo < 2 ? "off" : "on"));
       auto w = random_weights(c, 5);
       force_gate(w, branch);
       LayerOptions cpu_opt;
@@ -361,10 +360,10 @@ void graph_decode_case() {
 }
 
 // The graph-replayed timing path leaves the cache exactly where plain decode steps would: through
-// the fused kernel (auto at this length) and the step kernels.
+// the step kernels and the fused kernel.
 TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
   REQUIRE_GPU();
-  for (const char* fused : {"auto", "off"}) {
+  for (const char* fused : {"off", "on"}) {
     SCOPED_TRACE(fmt::format("NSA_CUDA_FUSED_DECODE={}", fused));
     const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", fused);
     graph_decode_case();

@@ -77,10 +77,8 @@ using cuda::StepParams;
 
 // Dynamic shared memory the selection kernel may use (its static arrays take ~2 KiB more).
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
-// The fused decode kernel: dynamic shared memory it may use (its static arrays take ~2 KiB), and
-// the longest context the automatic choice gives it (docs/perf-cuda-decode.md).
+// The fused decode kernel: dynamic shared memory it may use (its static arrays take ~2 KiB).
 constexpr size_t kMaxFusedSmem = size_t{220} << 10;
-constexpr int64_t kFusedMaxLength = 4096;
 
 // Owning device buffer.
 class DeviceBuffer {
@@ -208,9 +206,8 @@ class CudaBackend final : public Backend {
   void bind_workspace(StepParams& p) const;
   // Selection blocks (complete or not) a sequence of `cap` tokens can have.
   int64_t nb_cap(int64_t cap) const { return cap / c_.l_sel + 1; }
-  // Whether a decode step over R rows runs as the one fused attention kernel
-  // (NSA_CUDA_FUSED_DECODE).
-  bool fused_decode(const CudaCache& cache, int64_t R) const;
+  // Whether a decode step runs as the one fused attention kernel (NSA_CUDA_FUSED_DECODE=on).
+  bool fused_decode(const CudaCache& cache) const;
   size_t fused_smem(const CudaCache& cache, int64_t splits) const;
   // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
@@ -247,9 +244,10 @@ class CudaBackend final : public Backend {
   bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
-  // NSA_CUDA_FUSED_DECODE: auto (short contexts, few rows), on (every decode step that fits),
-  // off (always the step kernels).
-  enum class Fused { kAuto, kOn, kOff } fused_ = Fused::kAuto;
+  // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
+  // shared memory fits (experimental: measured no faster than the step kernels,
+  // docs/perf-cuda-decode.md); off (default): the step kernels.
+  bool fused_ = false;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -302,9 +300,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   }
   if (const char* mode = std::getenv("NSA_CUDA_FUSED_DECODE"); mode != nullptr) {
     const std::string_view m(mode);
-    NSA_CHECK(m == "auto" || m == "on" || m == "off",
-              "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: auto, on, off", mode);
-    fused_ = m == "on" ? Fused::kOn : m == "off" ? Fused::kOff : Fused::kAuto;
+    NSA_CHECK(m == "on" || m == "off",
+              "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
+    fused_ = m == "on";
   }
   const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
   kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
@@ -550,7 +548,7 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.sel_fused = 1;
     p.len_out = nullptr;
     p.advance = 0;
-  } else if (T == 1 && fused_decode(cache, R)) {
+  } else if (T == 1 && fused_decode(cache)) {
     // One block per (row, group) and split; block y takes the selected and the window split y.
     const int64_t tile = cuda::kTileKeys;
     const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
@@ -590,17 +588,13 @@ void CudaBackend::copy_out(float* dst, int64_t n) {
   }
 }
 
-bool CudaBackend::fused_decode(const CudaCache& cache, int64_t R) const {
-  if (fused_ == Fused::kOff) return false;
+bool CudaBackend::fused_decode(const CudaCache& cache) const {
+  if (!fused_) return false;
   const int64_t tile = cuda::kTileKeys;
   const int64_t splits = std::clamp<int64_t>(
       std::max((c_.n_sel * c_.l_sel + tile - 1) / tile, (c_.w + tile - 1) / tile), 1,
       cuda::kMaxSplits);
-  if (fused_smem(cache, splits) > kMaxFusedSmem) return false;
-  if (fused_ == Fused::kOn) return true;
-  // Every block repeats the prepare, the compressed branch, the scoring and the selection of its
-  // (row, group): worth it while those are short and the blocks fit in about one wave.
-  return cache.length + 1 <= kFusedMaxLength && R * c_.groups * splits <= 2 * sms_;
+  return fused_smem(cache, splits) <= kMaxFusedSmem;
 }
 
 size_t CudaBackend::fused_smem(const CudaCache& cache, int64_t splits) const {

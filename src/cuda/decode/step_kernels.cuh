@@ -285,8 +285,10 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
 }
 
 // Copies rows [0, nk) of a K or V tile (row j at src_row(j), `width` elements) into shared
-// memory as f32 with row stride ld. 16-byte loads when rows allow it, kStage per thread in
-// flight before the stores (a load-store loop would wait one memory latency per load).
+// memory as f32 with row stride ld. Plain (coherent) loads, not __ldg: in the fused decode
+// kernel the rows include the token the same kernel appended. 16-byte loads when rows allow it,
+// kStage per thread in flight before the stores (a load-store loop would wait one memory latency
+// per load).
 template <typename T, typename Row>
 __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int width, Row src_row) {
   constexpr int kStage = 8;
@@ -298,7 +300,7 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int wi
 #pragma unroll
       for (int u = 0; u < kStage; ++u) {
         const int i = base + u * blockDim.x;
-        r[u] = i < n ? __ldg(reinterpret_cast<const uint4*>(src_row(i / vec)) + i % vec)
+        r[u] = i < n ? *(reinterpret_cast<const uint4*>(src_row(i / vec)) + i % vec)
                      : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
@@ -346,9 +348,9 @@ __device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, 
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int i = base + u * blockDim.x;
-      rk[u] = i < nK ? __ldg(reinterpret_cast<const uint4*>(krow(i / kvec)) + i % kvec)
+      rk[u] = i < nK ? *(reinterpret_cast<const uint4*>(krow(i / kvec)) + i % kvec)
                      : make_uint4(0, 0, 0, 0);
-      rv[u] = i < nV ? __ldg(reinterpret_cast<const uint4*>(vrow(i / vvec)) + i % vvec)
+      rv[u] = i < nV ? *(reinterpret_cast<const uint4*>(vrow(i / vvec)) + i % vvec)
                      : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -849,7 +851,9 @@ __global__ void nsa_combine_kernel(StepParams p) {
 // writes: cheap at short contexts, and no launch or grid-wide wait between them); then block y
 // takes the selected split y and the window split y (n_sel_splits = n_win_splits = P,
 // n_cmp_splits = 1). The last block of the (row, group) to finish combines. A decode step is
-// then three graph nodes: the input GEMM, this kernel and the output GEMM.
+// then three graph nodes: the input GEMM, this kernel and the output GEMM. Experimental
+// (NSA_CUDA_FUSED_DECODE=on): at the seed shape it measured no faster than the step kernels,
+// because each phase inside it costs about what the kernel did alone (docs/perf-cuda-decode.md).
 constexpr int kFusedThreads = kSelectThreads;
 
 template <typename T>
