@@ -155,13 +155,11 @@ __device__ __forceinline__ void fused_output(const StepParams& p, const FusedRow
   }
 }
 
+// One split of this block (blockIdx): the body of nsa_attn_tc_kernel.
 template <typename T, int DK, int DV, int KS, int VS>
-__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
+__device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsigned char* smem_raw) {
   using Sh = TcShape<DK, DV, KS, VS>;
   constexpr int kTile = static_cast<int>(kTileKeys);
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
   Split sp;
   if (!split_range<T>(p, phase, sp)) {
     if (p.sel_fused) {  // the sel branch is off for this row: the output from the other two
@@ -356,6 +354,19 @@ __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int p
 #pragma unroll
     for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
     out[i] = a;
+  }
+}
+
+// Tensor-core split attention, one split per block; in phase 1 with p.combine_fused the last block
+// of each (row, group) combines.
+template <typename T, int DK, int DV, int KS, int VS>
+__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  tc_attend<T, DK, DV, KS, VS>(p, phase, smem_raw);
+  if (phase == 1 && p.combine_fused) {
+    finish_row_group<T>(p, blockIdx.x, reinterpret_cast<float*>(smem_raw), finish_ws(p));
   }
 }
 
