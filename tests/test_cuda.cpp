@@ -198,19 +198,6 @@ TEST(Cuda, FusedDecodeSmall) {
   for (const Case& k : cases) check_case(k);
 }
 
-// The combine as its own kernel (NSA_CUDA_COMBINE_KERNEL=1, kept for side-by-side runs) instead
-// of the last block of each (row, group) of the second pass: FFMA and tensor-core passes, decode
-// and the row-step prefill.
-TEST(Cuda, CombineKernelPathSmall) {
-  REQUIRE_GPU();
-  const ScopedEnv mode("NSA_CUDA_COMBINE_KERNEL", "1");
-  const Case cases[] = {
-      {4, 2, 64, 64, 2, 150, 4, DType::kF32},
-      {16, 1, 192, 128, 2, 300, 3, DType::kBF16},
-  };
-  for (const Case& k : cases) check_case(k);
-}
-
 TEST(Cuda, FusedDecodeKnobIsChecked) {
   REQUIRE_GPU();
   const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", "sometimes");

@@ -248,9 +248,6 @@ class CudaBackend final : public Backend {
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
   bool fused_ = false;
-  // NSA_CUDA_COMBINE_KERNEL=1: the combine as its own kernel (the previous design, for
-  // side-by-side runs); default: the last block of each (row, group) of the second pass.
-  bool combine_kernel_ = false;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -306,11 +303,6 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
-  }
-  if (const char* ck = std::getenv("NSA_CUDA_COMBINE_KERNEL"); ck != nullptr) {
-    NSA_CHECK(std::string_view(ck) == "0" || std::string_view(ck) == "1",
-              "NSA_CUDA_COMBINE_KERNEL: value '{}' is not valid; allowed: 0, 1", ck);
-    combine_kernel_ = std::string_view(ck) == "1";
   }
   const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
   kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
@@ -565,8 +557,6 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.n_cmp_splits = 1;
     p.n_sel_splits = p.n_win_splits =
         std::clamp<int64_t>(std::max(sel_tiles, win_tiles), 1, cuda::kMaxSplits);
-  } else {
-    p.combine_fused = combine_kernel_ ? 0 : 1;
   }
   ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled);
   bind_workspace(p);
@@ -714,11 +704,8 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  // With p.combine_fused the last block of each (row, group) of this pass also combines.
   launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
-         dim3(128), p.combine_fused ? std::max(attn_smem, cuda::finish_smem_bytes(p)) : attn_smem,
-         p, 1);
-  if (p.combine_fused) return;
+         dim3(128), attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)),

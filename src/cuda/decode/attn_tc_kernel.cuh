@@ -357,17 +357,13 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   }
 }
 
-// Tensor-core split attention, one split per block; in phase 1 with p.combine_fused the last block
-// of each (row, group) combines.
+// Tensor-core split attention, one split per block.
 template <typename T, int DK, int DV, int KS, int VS>
 __global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(StepParams p, int phase) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   tc_attend<T, DK, DV, KS, VS>(p, phase, smem_raw);
-  if (phase == 1 && p.combine_fused) {
-    finish_row_group<T>(p, blockIdx.x, reinterpret_cast<float*>(smem_raw), finish_ws(p));
-  }
 }
 
 }  // namespace nsa::cuda

@@ -479,6 +479,19 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
   __syncthreads();  // the caller may reuse smem
 }
 
+// FFMA split attention: one split per block.
+template <typename T>
+__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
+  extern __shared__ float smem[];
+  pdl_wait(p.pdl);
+  pdl_launch_dependents(p.pdl);
+  __shared__ int32_t blocks_s[64];
+  Split sp;
+  if (!split_range<T>(p, phase, sp)) return;
+  stage_blocks(p, sp, blocks_s);
+  ffma_attend<T>(p, sp, smem);
+}
+
 // Shared-memory bytes of nsa_attn_split_kernel.
 inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
   return sizeof(float) * static_cast<size_t>(h * dk + kTileKeys * (dk + 1) + kTileKeys * dv +
@@ -853,31 +866,6 @@ __device__ __forceinline__ void finish_row_group(const StepParams& p, int64_t rg
   }
 }
 
-// The weight stride of finish_row_group (the most splits of a branch) and its shared-memory bytes.
-NSA_HOST_DEVICE inline int64_t finish_ws(const StepParams& p) {
-  const int64_t ws = p.n_cmp_splits > p.n_sel_splits ? p.n_cmp_splits : p.n_sel_splits;
-  return ws > p.n_win_splits ? ws : p.n_win_splits;
-}
-inline size_t finish_smem_bytes(const StepParams& p) {
-  return sizeof(float) * static_cast<size_t>(p.h * 3 * finish_ws(p));
-}
-
-// FFMA split attention: one split per block (ffma_attend); in phase 1 with p.combine_fused the
-// last block of each (row, group) combines.
-template <typename T>
-__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
-  extern __shared__ float smem[];
-  pdl_wait(p.pdl);
-  pdl_launch_dependents(p.pdl);
-  __shared__ int32_t blocks_s[64];
-  Split sp;
-  if (split_range<T>(p, phase, sp)) {
-    stage_blocks(p, sp, blocks_s);
-    ffma_attend<T>(p, sp, smem);
-  }
-  if (phase == 1 && p.combine_fused) finish_row_group<T>(p, blockIdx.x, smem, finish_ws(p));
-}
-
 // --- 6. The whole attention of a decode step in one kernel (short contexts) ------------------
 // Grid (row, group) x P blocks of kFusedThreads. Every block of a (row, group) does the prepare,
 // the compressed branch, the scoring and the selection itself (identical results, identical
@@ -924,7 +912,7 @@ __global__ void __launch_bounds__(kFusedThreads) nsa_fused_decode_kernel(StepPar
   stamp(5);
   if (split_range<T>(p, 1, rg, p.n_sel_splits + y, sp)) ffma_attend<T>(p, sp, smem);
   stamp(6);
-  finish_row_group<T>(p, rg, smem, finish_ws(p));
+  finish_row_group<T>(p, rg, smem, gridDim.y);
   stamp(7);  // the (row, group)'s last block: after its combine
 }
 

@@ -37,8 +37,6 @@ struct StepParams {
   uint32_t* rg_done;   // [R, G] fused decode: blocks of the (row, group) finished; zero between
                        // launches
   int fused_decode;    // 1: the step runs as nsa_fused_decode_kernel (decode, T = 1)
-  int combine_fused;   // 1: the last block of each (row, group) in the second attention pass
-                       // combines (no combine kernel)
   // Development aid: the fused kernel's block (0, 0) writes its SM clock at each phase boundary
   // here ([kFusedStamps], unwritten entries keep their value); null: no stamps.
   long long* stamps;
