@@ -226,7 +226,13 @@ class CudaBackend final : public Backend {
   // drains (programmatic dependent launch; the kernels wait for their inputs).
   template <typename... Params, typename... Args>
   void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-              Args... args);
+              Args... args) {
+    launch_on(stream_, name, kernel, grid, block, smem, args...);
+  }
+  // On `stream` (stream_ or side_; PDL and the kernel-time probes only on stream_).
+  template <typename... Params, typename... Args>
+  void launch_on(cudaStream_t stream, const char* name, void (*kernel)(Params...), dim3 grid,
+                 dim3 block, size_t smem, Args... args);
   // With probes_ set (NSA_CUDA_KERNEL_TIMES, eager steps only), an event follows each kernel.
   void probe(const char* name);
   std::vector<std::pair<const char*, cudaEvent_t>>* probes_ = nullptr;
@@ -236,6 +242,10 @@ class CudaBackend final : public Backend {
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
+  // The window pass runs on side_, forked from stream_ after the prepare and joined before the
+  // combine: it does not depend on the scoring and the selection.
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   int device_ = 0;    // the CUDA device current when the backend was made
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
@@ -269,6 +279,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
             "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64",
             c.n_sel);
   NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+  NSA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+  NSA_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
   int major = 0;
   NSA_CUDA_CHECK(cudaGetDevice(&device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
@@ -353,6 +366,9 @@ CudaBackend::~CudaBackend() {
   }
   if (blas_) cublasDestroy(blas_);
   if (stream_) cudaStreamDestroy(stream_);
+  if (side_) cudaStreamDestroy(side_);
+  if (fork_) cudaEventDestroy(fork_);
+  if (join_) cudaEventDestroy(join_);
 }
 
 std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
@@ -611,8 +627,8 @@ void CudaBackend::probe(const char* name) {
 }
 
 template <typename... Params, typename... Args>
-void CudaBackend::launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
-                         size_t smem, Args... args) {
+void CudaBackend::launch_on(cudaStream_t stream, const char* name, void (*kernel)(Params...),
+                            dim3 grid, dim3 block, size_t smem, Args... args) {
   // Static plus dynamic shared memory above 48 KiB needs the opt-in: raise it when a launch
   // needs more than any launch of this kernel before, not on every launch. The attribute
   // belongs to the kernel on the device, shared by every backend, so it is tracked process-wide
@@ -632,14 +648,14 @@ void CudaBackend::launch(const char* name, void (*kernel)(Params...), dim3 grid,
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream_;
+  cfg.stream = stream;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
-  cfg.numAttrs = pdl_ ? 1 : 0;
+  cfg.numAttrs = pdl_ && stream == stream_ ? 1 : 0;
   NSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
-  probe(name);
+  if (stream == stream_) probe(name);
 }
 
 using AttnKernel = void (*)(StepParams, int);
@@ -696,6 +712,12 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
       attn_smem = tc_smem;
     }
   }
+  // The window pass beside the compressed pass, the scoring and the selection (phase 2).
+  NSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
+  NSA_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
+  launch_on(side_, "attn_win", attn, dim3(RG, static_cast<unsigned>(p.n_win_splits)), dim3(128),
+            attn_smem, p, 2);
+  NSA_CUDA_CHECK(cudaEventRecord(join_, side_));
   launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p,
          0);
   const auto score_chunks =
@@ -704,8 +726,9 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
-         dim3(128), attn_smem, p, 1);
+  launch("attn_sel", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem, p,
+         1);
+  NSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_));
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)),
