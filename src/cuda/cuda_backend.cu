@@ -258,6 +258,9 @@ class CudaBackend final : public Backend {
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
   bool fused_ = false;
+  // NSA_CUDA_WINDOW_SIDE=0: the window keys in the second pass with the selected ones (the
+  // previous design, for side-by-side runs); default 1: the window pass on side_.
+  bool window_side_ = true;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -316,6 +319,11 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
+  }
+  if (const char* ws = std::getenv("NSA_CUDA_WINDOW_SIDE"); ws != nullptr) {
+    NSA_CHECK(std::string_view(ws) == "0" || std::string_view(ws) == "1",
+              "NSA_CUDA_WINDOW_SIDE: value '{}' is not valid; allowed: 0, 1", ws);
+    window_side_ = std::string_view(ws) == "1";
   }
   const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
   kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
@@ -713,11 +721,13 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
     }
   }
   // The window pass beside the compressed pass, the scoring and the selection (phase 2).
-  NSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
-  NSA_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
-  launch_on(side_, "attn_win", attn, dim3(RG, static_cast<unsigned>(p.n_win_splits)), dim3(128),
-            attn_smem, p, 2);
-  NSA_CUDA_CHECK(cudaEventRecord(join_, side_));
+  if (window_side_) {
+    NSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
+    NSA_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
+    launch_on(side_, "attn_win", attn, dim3(RG, static_cast<unsigned>(p.n_win_splits)), dim3(128),
+              attn_smem, p, 2);
+    NSA_CUDA_CHECK(cudaEventRecord(join_, side_));
+  }
   launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p,
          0);
   const auto score_chunks =
@@ -726,9 +736,14 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  launch("attn_sel", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem, p,
-         1);
-  NSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_));
+  if (window_side_) {
+    launch("attn_sel", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem,
+           p, 1);
+    NSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_));
+  } else {
+    launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
+           dim3(128), attn_smem, p, 1);
+  }
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)),
