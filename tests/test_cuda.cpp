@@ -198,18 +198,6 @@ TEST(Cuda, FusedDecodeSmall) {
   for (const Case& k : cases) check_case(k);
 }
 
-// The window keys in the second pass with the selected ones (NSA_CUDA_WINDOW_SIDE=0, kept for
-// side-by-side runs) instead of their own pass on a second stream.
-TEST(Cuda, WindowInSecondPassSmall) {
-  REQUIRE_GPU();
-  const ScopedEnv mode("NSA_CUDA_WINDOW_SIDE", "0");
-  const Case cases[] = {
-      {4, 2, 64, 64, 2, 150, 4, DType::kF32},
-      {16, 1, 192, 128, 2, 700, 3, DType::kBF16},
-  };
-  for (const Case& k : cases) check_case(k);
-}
-
 TEST(Cuda, FusedDecodeKnobIsChecked) {
   REQUIRE_GPU();
   const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", "sometimes");

@@ -226,13 +226,7 @@ class CudaBackend final : public Backend {
   // drains (programmatic dependent launch; the kernels wait for their inputs).
   template <typename... Params, typename... Args>
   void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-              Args... args) {
-    launch_on(stream_, name, kernel, grid, block, smem, args...);
-  }
-  // On `stream` (stream_ or side_; PDL and the kernel-time probes only on stream_).
-  template <typename... Params, typename... Args>
-  void launch_on(cudaStream_t stream, const char* name, void (*kernel)(Params...), dim3 grid,
-                 dim3 block, size_t smem, Args... args);
+              Args... args);
   // With probes_ set (NSA_CUDA_KERNEL_TIMES, eager steps only), an event follows each kernel.
   void probe(const char* name);
   std::vector<std::pair<const char*, cudaEvent_t>>* probes_ = nullptr;
@@ -242,10 +236,6 @@ class CudaBackend final : public Backend {
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
-  // The window pass runs on side_, forked from stream_ after the prepare and joined before the
-  // combine: it does not depend on the scoring and the selection.
-  cudaStream_t side_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   int device_ = 0;    // the CUDA device current when the backend was made
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
@@ -258,9 +248,6 @@ class CudaBackend final : public Backend {
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
   bool fused_ = false;
-  // NSA_CUDA_WINDOW_SIDE=0: the window keys in the second pass with the selected ones (the
-  // previous design, for side-by-side runs); default 1: the window pass on side_.
-  bool window_side_ = true;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -282,9 +269,6 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
             "config key 'n_sel': value {} is not supported by the CUDA backend; allowed: <= 64",
             c.n_sel);
   NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
-  NSA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-  NSA_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
   int major = 0;
   NSA_CUDA_CHECK(cudaGetDevice(&device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
@@ -319,11 +303,6 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
-  }
-  if (const char* ws = std::getenv("NSA_CUDA_WINDOW_SIDE"); ws != nullptr) {
-    NSA_CHECK(std::string_view(ws) == "0" || std::string_view(ws) == "1",
-              "NSA_CUDA_WINDOW_SIDE: value '{}' is not valid; allowed: 0, 1", ws);
-    window_side_ = std::string_view(ws) == "1";
   }
   const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
   kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
@@ -374,9 +353,6 @@ CudaBackend::~CudaBackend() {
   }
   if (blas_) cublasDestroy(blas_);
   if (stream_) cudaStreamDestroy(stream_);
-  if (side_) cudaStreamDestroy(side_);
-  if (fork_) cudaEventDestroy(fork_);
-  if (join_) cudaEventDestroy(join_);
 }
 
 std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
@@ -635,8 +611,8 @@ void CudaBackend::probe(const char* name) {
 }
 
 template <typename... Params, typename... Args>
-void CudaBackend::launch_on(cudaStream_t stream, const char* name, void (*kernel)(Params...),
-                            dim3 grid, dim3 block, size_t smem, Args... args) {
+void CudaBackend::launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t smem, Args... args) {
   // Static plus dynamic shared memory above 48 KiB needs the opt-in: raise it when a launch
   // needs more than any launch of this kernel before, not on every launch. The attribute
   // belongs to the kernel on the device, shared by every backend, so it is tracked process-wide
@@ -656,14 +632,14 @@ void CudaBackend::launch_on(cudaStream_t stream, const char* name, void (*kernel
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
+  cfg.stream = stream_;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
-  cfg.numAttrs = pdl_ && stream == stream_ ? 1 : 0;
+  cfg.numAttrs = pdl_ ? 1 : 0;
   NSA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
-  if (stream == stream_) probe(name);
+  probe(name);
 }
 
 using AttnKernel = void (*)(StepParams, int);
@@ -720,14 +696,6 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
       attn_smem = tc_smem;
     }
   }
-  // The window pass beside the compressed pass, the scoring and the selection (phase 2).
-  if (window_side_) {
-    NSA_CUDA_CHECK(cudaEventRecord(fork_, stream_));
-    NSA_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
-    launch_on(side_, "attn_win", attn, dim3(RG, static_cast<unsigned>(p.n_win_splits)), dim3(128),
-              attn_smem, p, 2);
-    NSA_CUDA_CHECK(cudaEventRecord(join_, side_));
-  }
   launch("attn_cmp", attn, dim3(RG, static_cast<unsigned>(p.n_cmp_splits)), dim3(128), attn_smem, p,
          0);
   const auto score_chunks =
@@ -736,14 +704,8 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
          cuda::score_smem_bytes(p.h, p.l, p.d, p.l_sel), p);
   launch("select", cuda::nsa_select_kernel, dim3(RG), dim3(cuda::kSelectThreads),
          cuda::select_smem_bytes(p.nb_cap), p);
-  if (window_side_) {
-    launch("attn_sel", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(128), attn_smem,
-           p, 1);
-    NSA_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_));
-  } else {
-    launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
-           dim3(128), attn_smem, p, 1);
-  }
+  launch("attn_sel_win", attn, dim3(RG, static_cast<unsigned>(p.n_sel_splits + p.n_win_splits)),
+         dim3(128), attn_smem, p, 1);
   const auto combine_threads =
       static_cast<unsigned>(std::clamp<int64_t>((p.dv + 31) / 32 * 32, 96, 256));
   launch("combine", cuda::nsa_combine_kernel<T>, dim3(R, static_cast<unsigned>(p.H)),

@@ -227,20 +227,13 @@ __device__ __forceinline__ void stage_blocks(const StepParams& p, Split& sp, int
 template <typename T>
 __device__ __forceinline__ bool split_range(const StepParams& p, int phase, int64_t rg, int64_t s,
                                             Split& sp) {
-  // Phase 2: the window splits alone (a pass that runs beside the selection, so it must not
-  // read the selection's outputs).
-  const bool window_only = phase == 2;
-  if (window_only) {
-    phase = 1;
-    s += p.n_sel_splits;
-  }
   sp.rg = rg;
   sp.r = sp.rg / p.G;
   sp.g = sp.rg % p.G;
   // Independent loads first, so their latencies overlap.
   const float* gate = p.gates + sp.rg * 3;
   const float g0 = gate[0], g1 = gate[1], g2 = gate[2];
-  const int32_t sel_tokens = phase == 1 && !window_only ? p.reads[sp.rg * 3 + 1] : 0;
+  const int32_t sel_tokens = phase == 1 ? p.reads[sp.rg * 3 + 1] : 0;
   const RowInfo ri = row_info(p, sp.r);
   int64_t total = 0, splits = 1;
   sp.base = 0;
