@@ -387,8 +387,9 @@ __device__ __forceinline__ float* partial_out(const StepParams& p, const Split& 
 // FFMA attention of one split (fp32 storage, and the shapes the tensor-core kernel does not
 // take): tiles of kTileKeys keys, one warp per head for the online softmax; writes the split's
 // partial (and the compressed logits). smem: ffma_smem_bytes. Ends with the block synchronised.
-// Not inlined: the fused decode kernel calls it three times, so one copy of the code serves all
-// three from the instruction cache.
+// Not inlined: one copy of the code for the fused decode kernel's three calls (measured with the
+// batched K/V loads: ~3,500 fewer SM clocks per selected and window phase there, not a change in
+// step time; docs/perf-cuda-decode.md).
 template <typename T>
 __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, float* smem) {
   constexpr int kTile = static_cast<int>(kTileKeys);
