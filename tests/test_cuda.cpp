@@ -183,6 +183,17 @@ TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
   }
 }
 
+// More selection blocks than the selection kernel has threads (259 at l_sel 32): the top-n by
+// radix select; fewer blocks take the one-pass rank selection, which every other case covers.
+TEST(Cuda, SelectionOverManyBlocksMatchesCpu) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {4, 2, 64, 64, 1, 8300, 3, DType::kF32, 32},
+      {4, 2, 64, 64, 1, 8300, 3, DType::kBF16, 32},
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
 // The fused decode kernel with 16-bit storage (it attends with FFMA whatever the storage) and
 // selection blocks that are not 64 keys long; small enough for compute-sanitizer.
 TEST(Cuda, FusedDecodeSmall) {
