@@ -19,6 +19,8 @@
 #include "core/blocks.h"
 #include "cuda/common/check.h"
 #include "cuda/decode/attn_tc_kernel.cuh"
+#include "cuda/decode/fused_decode_kernel.cuh"
+#include "cuda/decode/select_kernels.cuh"
 #include "cuda/decode/step_kernels.cuh"
 #include "cuda/prefill/prefill_kernels.cuh"
 #include "nsa/backend.h"

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "cuda/decode/attn_tc_kernel.cuh"
+#include "cuda/decode/select_kernels.cuh"
 
 namespace nsa::cuda {
 
