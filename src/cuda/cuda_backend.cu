@@ -211,6 +211,8 @@ class CudaBackend final : public Backend {
   // Whether a decode step runs as the one fused attention kernel (NSA_CUDA_FUSED_DECODE=on).
   bool fused_decode(const CudaCache& cache) const;
   size_t fused_smem(const CudaCache& cache, int64_t splits) const;
+  // Blocks per (row, group) of the fused kernel: one selected and one window tile each.
+  int64_t fused_splits() const;
   // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                       int64_t advance, bool tiled = false);
@@ -552,13 +554,9 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.advance = 0;
   } else if (T == 1 && fused_decode(cache)) {
     // One block per (row, group) and split; block y takes the selected and the window split y.
-    const int64_t tile = cuda::kTileKeys;
-    const int64_t sel_tiles = (c_.n_sel * c_.l_sel + tile - 1) / tile;
-    const int64_t win_tiles = (c_.w + tile - 1) / tile;
     p.fused_decode = 1;
     p.n_cmp_splits = 1;
-    p.n_sel_splits = p.n_win_splits =
-        std::clamp<int64_t>(std::max(sel_tiles, win_tiles), 1, cuda::kMaxSplits);
+    p.n_sel_splits = p.n_win_splits = fused_splits();
   }
   ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled);
   bind_workspace(p);
@@ -590,13 +588,15 @@ void CudaBackend::copy_out(float* dst, int64_t n) {
   }
 }
 
-bool CudaBackend::fused_decode(const CudaCache& cache) const {
-  if (!fused_) return false;
+int64_t CudaBackend::fused_splits() const {
   const int64_t tile = cuda::kTileKeys;
-  const int64_t splits = std::clamp<int64_t>(
+  return std::clamp<int64_t>(
       std::max((c_.n_sel * c_.l_sel + tile - 1) / tile, (c_.w + tile - 1) / tile), 1,
       cuda::kMaxSplits);
-  return fused_smem(cache, splits) <= kMaxFusedSmem;
+}
+
+bool CudaBackend::fused_decode(const CudaCache& cache) const {
+  return fused_ && fused_smem(cache, fused_splits()) <= kMaxFusedSmem;
 }
 
 size_t CudaBackend::fused_smem(const CudaCache& cache, int64_t splits) const {
