@@ -142,6 +142,14 @@ cudaDataType_t cuda_type(DType t) {
   }
 }
 
+// The middle element once sorted (the upper one of an even count); zero for none.
+template <typename V>
+V upper_median(std::vector<V>& v) {
+  if (v.empty()) return V{};
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // Host f32 -> storage-type bytes.
 std::vector<uint8_t> to_storage(const float* src, int64_t n, DType t) {
   std::vector<uint8_t> out(static_cast<size_t>(n) * dtype_size(t));
@@ -210,7 +218,6 @@ class CudaBackend final : public Backend {
   int64_t nb_cap(int64_t cap) const { return cap / c_.l_sel + 1; }
   // Whether a decode step runs as the one fused attention kernel (NSA_CUDA_FUSED_DECODE=on).
   bool fused_decode(const CudaCache& cache) const;
-  size_t fused_smem(const CudaCache& cache, int64_t splits) const;
   // Blocks per (row, group) of the fused kernel: one selected and one window tile each.
   int64_t fused_splits() const;
   // params() with the workspace grown to what that launch needs and bound.
@@ -596,12 +603,9 @@ int64_t CudaBackend::fused_splits() const {
 }
 
 bool CudaBackend::fused_decode(const CudaCache& cache) const {
-  return fused_ && fused_smem(cache, fused_splits()) <= kMaxFusedSmem;
-}
-
-size_t CudaBackend::fused_smem(const CudaCache& cache, int64_t splits) const {
-  return cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l, c_.d,
-                                c_.l_sel, nb_cap(cache.cap), splits);
+  return fused_ &&
+         cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l, c_.d,
+                                c_.l_sel, nb_cap(cache.cap), fused_splits()) <= kMaxFusedSmem;
 }
 
 void CudaBackend::probe(const char* name) {
@@ -1057,19 +1061,13 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
     }
     cache.length += n;
     std::string line;
-    for (auto& [name, us] : per_kernel) {
-      std::sort(us.begin(), us.end());
-      line += fmt::format(" {} {:.1f}", name, us.empty() ? 0.f : us[us.size() / 2]);
-    }
+    for (auto& [name, us] : per_kernel) line += fmt::format(" {} {:.1f}", name, upper_median(us));
     fmt::print(stderr, "kernel us (median, eager):{}\n", line);
     if (pe.stamps) {
       const char* names[] = {"prepare", "cmp", "score", "select", "sel", "win", "finish"};
       line.clear();
-      for (int k = 0; k + 1 < cuda::kFusedStamps; ++k) {
-        auto& v = phases[static_cast<size_t>(k)];
-        std::sort(v.begin(), v.end());
-        line += fmt::format(" {} {}", names[k], v.empty() ? 0 : v[v.size() / 2]);
-      }
+      for (int k = 0; k + 1 < cuda::kFusedStamps; ++k)
+        line += fmt::format(" {} {}", names[k], upper_median(phases[static_cast<size_t>(k)]));
       fmt::print(stderr, "fused phases, SM clocks (median, block 0):{}\n", line);
     }
   }
