@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Where the warps of the seed-shape decode kernels stall, instruction by instruction (Nsight
+# Compute source page, SASS with CUDA lines). Run on the device machine after a build in
+# build-dev: scripts/device_ncu_source.sh [S]. Writes ncu_source_<fused>.csv and a summary to $OUT.
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+S=${1:-1024}
+mkdir -p "$OUT"
+for fused in on off; do
+  rep=/tmp/seed_$fused
+  NSA_CUDA_FUSED_DECODE=$fused ncu --clock-control none --set full --import-source yes \
+    --kernel-name regex:'nsa_' --launch-skip 60 --launch-count 8 -f -o $rep \
+    ./build-dev/nsa bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list "$S" --iters 16 \
+    --warmup 4 --device cuda > /tmp/ncu_run_$fused.log 2>&1 || tail -20 /tmp/ncu_run_$fused.log
+  ncu --import $rep.ncu-rep --page details --csv > "$OUT/ncu_details_$fused.csv" 2>&1
+  ncu --import $rep.ncu-rep --page source --print-source cuda,sass --csv > /tmp/src_$fused.csv 2>&1 ||
+    ncu --import $rep.ncu-rep --page source --csv > /tmp/src_$fused.csv 2>&1
+  gzip -c /tmp/src_$fused.csv > "$OUT/ncu_source_$fused.csv.gz"
+  echo "fused=$fused: $(wc -c < /tmp/src_$fused.csv) bytes of source page; head:"
+  head -c 1500 /tmp/src_$fused.csv
+done
