@@ -84,7 +84,7 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   }
 }
 
-__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(StepParams p) {
+__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(const __grid_constant__ StepParams p) {
   extern __shared__ float smem[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
@@ -251,7 +251,7 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
   }
 }
 
-__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(StepParams p) {
+__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(const __grid_constant__ StepParams p) {
   extern __shared__ float score[];  // [nb]
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);

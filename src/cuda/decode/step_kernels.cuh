@@ -120,7 +120,9 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   const int g_hid = static_cast<int>(p.g_hid);
   for (int i0 = 4 * warp; i0 < g_hid; i0 += 4 * n_warps) {
-    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    float a[4] = {0.f, 0.f, 0.f, 0.f}, bias[4];  // the biases load beside the weights
+#pragma unroll
+    for (int k = 0; k < 4; ++k) bias[k] = i0 + k < g_hid ? p.fc1_b[i0 + k] : 0.f;
 #pragma unroll 8
     for (int e = lane; e < dk; e += 32) {
 #pragma unroll
@@ -132,7 +134,7 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
     for (int k = 0; k < 4; ++k) {
       for (int off = 16; off > 0; off /= 2) a[k] += __shfl_xor_sync(0xffffffffu, a[k], off);
       if (lane == 0 && i0 + k < g_hid) {
-        const float z = a[k] + p.fc1_b[i0 + k];
+        const float z = a[k] + bias[k];
         hid[i0 + k] = z / (1.f + expf(-z));
       }
     }
@@ -140,10 +142,11 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
   __syncthreads();
   __shared__ float z[3];
   for (int k = warp; k < 3; k += n_warps) {
+    const float bias = p.fc2_b[k];
     float a = 0.f;
     for (int i = lane; i < g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[i];
     for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
-    if (lane == 0) z[k] = a + p.fc2_b[k];
+    if (lane == 0) z[k] = a + bias;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -163,7 +166,7 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
 // per block; prefill: a few rows per smaller block, docs/perf-cuda-prefill.md).
 template <typename T>
 __global__ void __launch_bounds__(kPrepareThreads)
-    nsa_prepare_kernel(StepParams p, int emit, int rows_per_block) {
+    nsa_prepare_kernel(const __grid_constant__ StepParams p, int emit, int rows_per_block) {
   extern __shared__ double rope_smem[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
@@ -183,7 +186,7 @@ inline size_t prepare_smem_bytes(int64_t h, int64_t dk, int64_t g_hid) {
 
 // Emission only, per (row, group): prefill launches and cache filling.
 template <typename T>
-__global__ void nsa_emit_kernel(StepParams p) {
+__global__ void nsa_emit_kernel(const __grid_constant__ StepParams p) {
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   emit_compressed<T>(p, row_info(p, blockIdx.x), blockIdx.y);
@@ -392,8 +395,11 @@ template <typename T>
 __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, float* smem) {
   constexpr int kTile = static_cast<int>(kTileKeys);
   const int h = static_cast<int>(p.h), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
-  const int kst = dk + 1;        // odd row stride: the threads of a warp read 32 different banks
-  float* qs = smem;              // [h][dk], pre-scaled
+  const int kst = dk + 1;  // odd row stride: the threads of a warp read 32 different banks
+  // Cache positions of the tile's keys, computed once per key instead of once per loaded vector
+  // (the selected branch's gather divides by l_sel).
+  int64_t* pos = reinterpret_cast<int64_t*>(smem);  // [kTile]
+  float* qs = smem + 2 * kTile;                      // [h][dk], pre-scaled
   float* ks = qs + h * dk;       // [kTile][dk + 1]
   float* vs = ks + kTile * kst;  // [kTile][dv]
   float* lg = vs + kTile * dv;   // [h][kTile]
@@ -414,10 +420,11 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
   const T* V = static_cast<const T*>(sp.V);
   for (int64_t j0 = sp.start; j0 < sp.start + sp.n; j0 += kTile) {
     const int nk = static_cast<int>(min(kTileKeys, sp.start + sp.n - j0));
+    if (threadIdx.x < nk) pos[threadIdx.x] = key_pos(sp, j0 + threadIdx.x);
     __syncthreads();
     load_kv_tile_f32<T>(
-        ks, kst, vs, dv, nk, dk, dv, [&](int j) { return K + key_pos(sp, j0 + j) * dk; },
-        [&](int j) { return V + key_pos(sp, j0 + j) * dv; });
+        ks, kst, vs, dv, nk, dk, dv, [&](int j) { return K + pos[j] * dk; },
+        [&](int j) { return V + pos[j] * dv; });
     __syncthreads();
     for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
       const int hh = i / kTile, j = i % kTile;
@@ -480,7 +487,7 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
 
 // FFMA split attention: one split per block.
 template <typename T>
-__global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int phase) {
+__global__ void __launch_bounds__(128) nsa_attn_split_kernel(const __grid_constant__ StepParams p, int phase) {
   extern __shared__ float smem[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
@@ -493,8 +500,8 @@ __global__ void __launch_bounds__(128) nsa_attn_split_kernel(StepParams p, int p
 
 // Shared-memory bytes of nsa_attn_split_kernel.
 inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
-  return sizeof(float) * static_cast<size_t>(h * dk + kTileKeys * (dk + 1) + kTileKeys * dv +
-                                             h * kTileKeys + h * dv + 3 * h);
+  return sizeof(float) * static_cast<size_t>(2 * kTileKeys + h * dk + kTileKeys * (dk + 1) +
+                                             kTileKeys * dv + h * kTileKeys + h * dv + 3 * h);
 }
 
 // --- 5. LSE combine of the three branches and gate mix ----------------------------------------
@@ -519,20 +526,28 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
   }
   const int64_t NS = n_splits_total(p);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  // One warp per (head, branch): max and sum over the splits.
+  // One warp per (head, branch): max and sum over the splits, each lane's online over its
+  // splits, then merged across the warp (one round trip to L2 for m and s, not three).
   for (int64_t task = warp; task < nh * 3; task += n_warps) {
     const int64_t hh = hh0 + task / 3;
     const int k = static_cast<int>(task % 3);
     const float* pm = p.part_m + (rg * NS + first[k]) * p.h + hh;
     const float* ps = p.part_s + (rg * NS + first[k]) * p.h + hh;
     float* wk = weight + task * ws;
-    float M = -FLT_MAX;
-    for (int64_t sp = lane; sp < count[k]; sp += 32) M = fmaxf(M, __ldcg(pm + sp * p.h));
-    for (int off = 16; off > 0; off /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-    float S = 0.f;
-    for (int64_t sp = lane; sp < count[k]; sp += 32)
-      S += __ldcg(ps + sp * p.h) * expf(__ldcg(pm + sp * p.h) - M);
-    for (int off = 16; off > 0; off /= 2) S += __shfl_xor_sync(0xffffffffu, S, off);
+    float M = -FLT_MAX, S = 0.f;
+    for (int64_t sp = lane; sp < count[k]; sp += 32) {
+      const float m = __ldcg(pm + sp * p.h), s = __ldcg(ps + sp * p.h);
+      const float mx = fmaxf(M, m);
+      S = S * expf(M - mx) + s * expf(m - mx);
+      M = mx;
+    }
+    for (int off = 16; off > 0; off /= 2) {
+      const float m = __shfl_xor_sync(0xffffffffu, M, off);
+      const float s = __shfl_xor_sync(0xffffffffu, S, off);
+      const float mx = fmaxf(M, m);
+      S = S * expf(M - mx) + s * expf(m - mx);
+      M = mx;
+    }
     for (int64_t sp = lane; sp < count[k]; sp += 32)
       wk[sp] = S > 0.f ? expf(__ldcg(pm + sp * p.h) - M) / S : 0.f;
   }
@@ -543,9 +558,18 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
     for (int k = 0; k < 3; ++k) {
       const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
       const float* wk = weight + (j * 3 + k) * ws;
+      // Eight splits' loads in flight before their sums (__ldcg is volatile asm: loads and
+      // sums interleaved would wait one L2 round trip per split).
+      const int n = static_cast<int>(count[k]);
+      const int64_t stride = p.h * p.dv;
       float o = 0.f;
-#pragma unroll 8
-      for (int64_t sp = 0; sp < count[k]; ++sp) o += wk[sp] * __ldcg(po + sp * p.h * p.dv);
+      for (int s0 = 0; s0 < n; s0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = s0 + u < n ? __ldcg(po + (s0 + u) * stride) : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) o += s0 + u < n ? wk[s0 + u] * v[u] : 0.f;
+      }
       out[k] = o;
     }
     const int64_t at = (r * p.H + g * p.h + hh) * p.dv + e;
@@ -576,7 +600,7 @@ __device__ __forceinline__ void finish_step(const StepParams& p, uint32_t n) {
 
 // One (row, head) per block.
 template <typename T>
-__global__ void nsa_combine_kernel(StepParams p) {
+__global__ void nsa_combine_kernel(const __grid_constant__ StepParams p) {
   __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);

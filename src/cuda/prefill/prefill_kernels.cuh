@@ -286,7 +286,7 @@ __device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows&
 
 template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
-    nsa_prefill_win_kernel(StepParams p) {
+    nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t g = blockIdx.y;
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
 
 template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
-    nsa_prefill_cmp_kernel(StepParams p, int64_t nb_max) {
+    nsa_prefill_cmp_kernel(const __grid_constant__ StepParams p, int64_t nb_max) {
   using Sh = PfShape<DK, DV>;
   using Wp = PfWarps<W>;
   constexpr int kTile = Sh::kTile;
