@@ -92,6 +92,14 @@ for B in 1 16; do
     --iters 20 --warmup 5 --device cuda --dtype bf16 --fill random \
     --csv "$OUT/decode_cuda_paper_B$B.csv" | tee -a "$OUT/summary.txt"
 done
+log "B 16, 64k again (run-to-run spread), then per-kernel eager times (NSA_CUDA_KERNEL_TIMES=1)"
+for i in 1 2; do
+  $NSA bench decode --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
+    --iters 20 --warmup 5 --device cuda --dtype bf16 --fill random | tail -2 | head -1 | tee -a "$OUT/summary.txt"
+done
+NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+  --S_list 65536 --iters 10 --warmup 3 --device cuda --dtype bf16 --fill random 2>&1 | grep "kernel us" |
+  tail -2 | tee -a "$OUT/summary.txt"
 log "dense attention decode (PyTorch SDPA) on the same GPU"
 PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
 [ "$MODE" = profile ] || exit 0

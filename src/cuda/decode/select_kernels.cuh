@@ -50,12 +50,12 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
     for (int64_t hh = warp; hh < h; hh += n_warps) {
       const float* pm = p.part_m + rg * NS * h + hh;
       const float* pss = p.part_s + rg * NS * h + hh;
-      float mx = -FLT_MAX;
-      for (int64_t k = lane; k < ns_cmp; k += 32) mx = fmaxf(mx, pm[k * h]);
-      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      float sum = 0.f;
-      for (int64_t k = lane; k < ns_cmp; k += 32) sum += pss[k * h] * expf(pm[k * h] - mx);
-      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      float mx = -FLT_MAX, sum = 0.f;  // online over the lane's splits, then merged
+      for (int64_t k = lane; k < ns_cmp; k += 32) merge_max_sum(mx, sum, pm[k * h], pss[k * h]);
+      for (int off = 16; off > 0; off /= 2) {
+        merge_max_sum(mx, sum, __shfl_xor_sync(0xffffffffu, mx, off),
+                      __shfl_xor_sync(0xffffffffu, sum, off));
+      }
       if (lane == 0) {
         M[hh] = mx;
         invS[hh] = 1.f / sum;

@@ -337,7 +337,9 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int wi
 template <typename T, typename KRow, typename VRow>
 __device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, int vld, int nk,
                                                  int dk, int dv, KRow krow, VRow vrow) {
-  constexpr int kPer = 16 / sizeof(T), kStage = 4;  // elements per 16 bytes; loads per tile
+  // Elements per 16 bytes; loads per thread and tile in flight at once (8: a 64-key fp32 tile
+  // of dk = dv = 64 is one round trip for 128 threads).
+  constexpr int kPer = 16 / sizeof(T), kStage = 8;
   if ((dk * sizeof(T)) % 16 != 0 || (dv * sizeof(T)) % 16 != 0) {
     load_tile_f32<T>(ks, kld, nk, dk, krow);
     load_tile_f32<T>(vs, vld, nk, dv, vrow);
@@ -371,6 +373,13 @@ __device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, 
       }
     }
   }
+}
+
+// Merges a partial (running max m, sum s of exp(logit - m)) into (M, S).
+__device__ __forceinline__ void merge_max_sum(float& M, float& S, float m, float s) {
+  const float mx = fmaxf(M, m);
+  S = S * expf(M - mx) + s * expf(m - mx);
+  M = mx;
 }
 
 // Writes a split's partial result: running max m (natural log), sum s and unnormalised output o.
@@ -409,7 +418,16 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
   float* corr = s + h;           // [h]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * p.h) * p.dk;
-  for (int i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
+  // The first kQ query elements per thread load into registers now and reach shared memory
+  // after the first tile's loads are issued: one round trip for both, not two.
+  // (Kept as stored: converting here would wait for the load.)
+  constexpr int kQ = 4;
+  T qv[kQ];
+#pragma unroll
+  for (int u = 0; u < kQ; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < h * dk) qv[u] = q[i];
+  }
   for (int i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     m[i] = -FLT_MAX;
@@ -425,6 +443,15 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
     load_kv_tile_f32<T>(
         ks, kst, vs, dv, nk, dk, dv, [&](int j) { return K + pos[j] * dk; },
         [&](int j) { return V + pos[j] * dv; });
+    if (j0 == sp.start) {
+#pragma unroll
+      for (int u = 0; u < kQ; ++u) {
+        const int i = threadIdx.x + u * blockDim.x;
+        if (i < h * dk) qs[i] = to_f32(qv[u]) * p.scale;
+      }
+      for (int i = threadIdx.x + kQ * blockDim.x; i < h * dk; i += blockDim.x)
+        qs[i] = to_f32(q[i]) * p.scale;
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
       const int hh = i / kTile, j = i % kTile;
@@ -535,18 +562,11 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
     const float* ps = p.part_s + (rg * NS + first[k]) * p.h + hh;
     float* wk = weight + task * ws;
     float M = -FLT_MAX, S = 0.f;
-    for (int64_t sp = lane; sp < count[k]; sp += 32) {
-      const float m = __ldcg(pm + sp * p.h), s = __ldcg(ps + sp * p.h);
-      const float mx = fmaxf(M, m);
-      S = S * expf(M - mx) + s * expf(m - mx);
-      M = mx;
-    }
+    for (int64_t sp = lane; sp < count[k]; sp += 32)
+      merge_max_sum(M, S, __ldcg(pm + sp * p.h), __ldcg(ps + sp * p.h));
     for (int off = 16; off > 0; off /= 2) {
-      const float m = __shfl_xor_sync(0xffffffffu, M, off);
-      const float s = __shfl_xor_sync(0xffffffffu, S, off);
-      const float mx = fmaxf(M, m);
-      S = S * expf(M - mx) + s * expf(m - mx);
-      M = mx;
+      merge_max_sum(M, S, __shfl_xor_sync(0xffffffffu, M, off),
+                    __shfl_xor_sync(0xffffffffu, S, off));
     }
     for (int64_t sp = lane; sp < count[k]; sp += 32)
       wk[sp] = S > 0.f ? expf(__ldcg(pm + sp * p.h) - M) / S : 0.f;
