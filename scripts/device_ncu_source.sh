@@ -13,7 +13,6 @@ for fused in ${NCU_FUSED:-on off}; do
     --kernel-name regex:'nsa_' --launch-skip 60 --launch-count 8 -f -o $rep \
     ./build-dev/nsa bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list "$S" --iters 16 \
     --warmup 4 --device cuda > /tmp/ncu_run_$fused.log 2>&1 || tail -20 /tmp/ncu_run_$fused.log
-  ncu --import $rep.ncu-rep --page details --csv > "$OUT/ncu_details_$fused.csv" 2>&1
   ncu --import $rep.ncu-rep --page source --print-source cuda,sass --csv > /tmp/src_$fused.csv 2>&1 ||
     ncu --import $rep.ncu-rep --page source --csv > /tmp/src_$fused.csv 2>&1
   gzip -c /tmp/src_$fused.csv > "$OUT/ncu_source_$fused.csv.gz"
