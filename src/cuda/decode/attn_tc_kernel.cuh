@@ -359,7 +359,8 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
 
 // Tensor-core split attention, one split per block.
 template <typename T, int DK, int DV, int KS, int VS>
-__global__ void __launch_bounds__(128, 2) nsa_attn_tc_kernel(const __grid_constant__ StepParams p, int phase) {
+__global__ void __launch_bounds__(128, 2)
+    nsa_attn_tc_kernel(const __grid_constant__ StepParams p, int phase) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);

@@ -42,7 +42,8 @@ __device__ __forceinline__ void finish_row_group(const StepParams& p, int64_t rg
 constexpr int kFusedThreads = kSelectThreads;
 
 template <typename T>
-__global__ void __launch_bounds__(kFusedThreads) nsa_fused_decode_kernel(const __grid_constant__ StepParams p) {
+__global__ void __launch_bounds__(kFusedThreads)
+    nsa_fused_decode_kernel(const __grid_constant__ StepParams p) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ int32_t blocks_s[64];
   pdl_wait(p.pdl);

@@ -65,8 +65,17 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   __syncthreads();
   const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
   for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    // Eight heads' logits in flight at a time (summed in head order, as before).
     float ps = 0.f;
-    for (int64_t hh = 0; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
+    int64_t hh = 0;
+    for (; hh + 8 <= h; hh += 8) {
+      float x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x[u] = logits[(hh + u) * p.cap_cmp + i];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) ps += expf(x[u] - M[hh + u]) * invS[hh + u];
+    }
+    for (; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
     pc[i - i0] = ps;
   }
   __syncthreads();
@@ -84,7 +93,8 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   }
 }
 
-__global__ void __launch_bounds__(kScoreThreads) nsa_score_kernel(const __grid_constant__ StepParams p) {
+__global__ void __launch_bounds__(kScoreThreads)
+    nsa_score_kernel(const __grid_constant__ StepParams p) {
   extern __shared__ float smem[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
@@ -251,7 +261,8 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
   }
 }
 
-__global__ void __launch_bounds__(kSelectThreads) nsa_select_kernel(const __grid_constant__ StepParams p) {
+__global__ void __launch_bounds__(kSelectThreads)
+    nsa_select_kernel(const __grid_constant__ StepParams p) {
   extern __shared__ float score[];  // [nb]
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);

@@ -60,6 +60,12 @@ constexpr int kPrepareThreads = 512;
 template <typename T>
 __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int64_t g, int emit,
                                             double* rope_smem) {
+  // The gate MLP's weights do not depend on the step: their lines head for L1 now, so the MLP
+  // at the end finds them there instead of waiting on L2 twice more.
+  for (int64_t i = threadIdx.x * 32; i < p.g_hid * p.dk; i += blockDim.x * 32)
+    prefetch_l1(p.fc1_w + i);
+  for (int64_t i = threadIdx.x * 32; i < 3 * p.g_hid; i += blockDim.x * 32)
+    prefetch_l1(p.fc2_w + i);
   const RowInfo ri = row_info(p, r);
   const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
   const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
@@ -337,9 +343,7 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int wi
 template <typename T, typename KRow, typename VRow>
 __device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, int vld, int nk,
                                                  int dk, int dv, KRow krow, VRow vrow) {
-  // Elements per 16 bytes; loads per thread and tile in flight at once (8: a 64-key fp32 tile
-  // of dk = dv = 64 is one round trip for 128 threads).
-  constexpr int kPer = 16 / sizeof(T), kStage = 8;
+  constexpr int kPer = 16 / sizeof(T), kStage = 4;  // elements per 16 bytes; loads per tile
   if ((dk * sizeof(T)) % 16 != 0 || (dv * sizeof(T)) % 16 != 0) {
     load_tile_f32<T>(ks, kld, nk, dk, krow);
     load_tile_f32<T>(vs, vld, nk, dv, vrow);
@@ -408,26 +412,17 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
   // Cache positions of the tile's keys, computed once per key instead of once per loaded vector
   // (the selected branch's gather divides by l_sel).
   int64_t* pos = reinterpret_cast<int64_t*>(smem);  // [kTile]
-  float* qs = smem + 2 * kTile;                      // [h][dk], pre-scaled
-  float* ks = qs + h * dk;       // [kTile][dk + 1]
-  float* vs = ks + kTile * kst;  // [kTile][dv]
-  float* lg = vs + kTile * dv;   // [h][kTile]
-  float* acc = lg + h * kTile;   // [h][dv]
-  float* m = acc + h * dv;       // [h]
-  float* s = m + h;              // [h]
-  float* corr = s + h;           // [h]
+  float* qs = smem + 2 * kTile;                     // [h][dk], pre-scaled
+  float* ks = qs + h * dk;                          // [kTile][dk + 1]
+  float* vs = ks + kTile * kst;                     // [kTile][dv]
+  float* lg = vs + kTile * dv;                      // [h][kTile]
+  float* acc = lg + h * kTile;                      // [h][dv]
+  float* m = acc + h * dv;                          // [h]
+  float* s = m + h;                                 // [h]
+  float* corr = s + h;                              // [h]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   const T* q = static_cast<const T*>(p.q) + (sp.r * p.H + sp.g * p.h) * p.dk;
-  // The first kQ query elements per thread load into registers now and reach shared memory
-  // after the first tile's loads are issued: one round trip for both, not two.
-  // (Kept as stored: converting here would wait for the load.)
-  constexpr int kQ = 4;
-  T qv[kQ];
-#pragma unroll
-  for (int u = 0; u < kQ; ++u) {
-    const int i = threadIdx.x + u * blockDim.x;
-    if (i < h * dk) qv[u] = q[i];
-  }
+  for (int i = threadIdx.x; i < h * dk; i += blockDim.x) qs[i] = to_f32(q[i]) * p.scale;
   for (int i = threadIdx.x; i < h * dv; i += blockDim.x) acc[i] = 0.f;
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     m[i] = -FLT_MAX;
@@ -443,15 +438,6 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
     load_kv_tile_f32<T>(
         ks, kst, vs, dv, nk, dk, dv, [&](int j) { return K + pos[j] * dk; },
         [&](int j) { return V + pos[j] * dv; });
-    if (j0 == sp.start) {
-#pragma unroll
-      for (int u = 0; u < kQ; ++u) {
-        const int i = threadIdx.x + u * blockDim.x;
-        if (i < h * dk) qs[i] = to_f32(qv[u]) * p.scale;
-      }
-      for (int i = threadIdx.x + kQ * blockDim.x; i < h * dk; i += blockDim.x)
-        qs[i] = to_f32(q[i]) * p.scale;
-    }
     __syncthreads();
     for (int i = threadIdx.x; i < h * kTile; i += blockDim.x) {
       const int hh = i / kTile, j = i % kTile;
@@ -514,7 +500,8 @@ __device__ __noinline__ void ffma_attend(const StepParams& p, const Split& sp, f
 
 // FFMA split attention: one split per block.
 template <typename T>
-__global__ void __launch_bounds__(128) nsa_attn_split_kernel(const __grid_constant__ StepParams p, int phase) {
+__global__ void __launch_bounds__(128)
+    nsa_attn_split_kernel(const __grid_constant__ StepParams p, int phase) {
   extern __shared__ float smem[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
@@ -561,36 +548,52 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
     const float* pm = p.part_m + (rg * NS + first[k]) * p.h + hh;
     const float* ps = p.part_s + (rg * NS + first[k]) * p.h + hh;
     float* wk = weight + task * ws;
-    float M = -FLT_MAX, S = 0.f;
-    for (int64_t sp = lane; sp < count[k]; sp += 32)
-      merge_max_sum(M, S, __ldcg(pm + sp * p.h), __ldcg(ps + sp * p.h));
+    float M = -FLT_MAX, S = 0.f, m0 = -FLT_MAX;  // m0: the lane's first split's max
+    for (int64_t sp = lane; sp < count[k]; sp += 32) {
+      const float m = __ldcg(pm + sp * p.h);
+      if (sp == lane) m0 = m;
+      merge_max_sum(M, S, m, __ldcg(ps + sp * p.h));
+    }
     for (int off = 16; off > 0; off /= 2) {
       merge_max_sum(M, S, __shfl_xor_sync(0xffffffffu, M, off),
                     __shfl_xor_sync(0xffffffffu, S, off));
     }
-    for (int64_t sp = lane; sp < count[k]; sp += 32)
-      wk[sp] = S > 0.f ? expf(__ldcg(pm + sp * p.h) - M) / S : 0.f;
+    for (int64_t sp = lane; sp < count[k]; sp += 32) {
+      const float m = sp == lane ? m0 : __ldcg(pm + sp * p.h);  // reloaded past 32 splits
+      wk[sp] = S > 0.f ? expf(m - M) / S : 0.f;
+    }
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < nh * p.dv; i += blockDim.x) {
     const int64_t j = i / p.dv, hh = hh0 + j, e = i % p.dv;
-    float out[3];
+    // The first eight splits of all three branches load before any sum (__ldcg is volatile
+    // asm: loads and sums interleaved would wait one L2 round trip per split); further splits
+    // eight at a time.
+    constexpr int kBatch = 8;
+    const int64_t stride = p.h * p.dv;
+    const float* po[3];
+    const float* wk[3];
+    int n[3];
+    float v[3][kBatch], out[3] = {0.f, 0.f, 0.f};
+#pragma unroll
     for (int k = 0; k < 3; ++k) {
-      const float* po = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
-      const float* wk = weight + (j * 3 + k) * ws;
-      // Eight splits' loads in flight before their sums (__ldcg is volatile asm: loads and
-      // sums interleaved would wait one L2 round trip per split).
-      const int n = static_cast<int>(count[k]);
-      const int64_t stride = p.h * p.dv;
-      float o = 0.f;
-      for (int s0 = 0; s0 < n; s0 += 8) {
-        float v[8];
+      po[k] = p.part_o + ((rg * NS + first[k]) * p.h + hh) * p.dv + e;
+      wk[k] = weight + (j * 3 + k) * ws;
+      n[k] = static_cast<int>(count[k]);
 #pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] = s0 + u < n ? __ldcg(po + (s0 + u) * stride) : 0.f;
+      for (int u = 0; u < kBatch; ++u) v[k][u] = u < n[k] ? __ldcg(po[k] + u * stride) : 0.f;
+    }
 #pragma unroll
-        for (int u = 0; u < 8; ++u) o += s0 + u < n ? wk[s0 + u] * v[u] : 0.f;
+    for (int k = 0; k < 3; ++k) {
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) out[k] += u < n[k] ? wk[k][u] * v[k][u] : 0.f;
+      for (int s0 = kBatch; s0 < n[k]; s0 += kBatch) {
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          v[k][u] = s0 + u < n[k] ? __ldcg(po[k] + (s0 + u) * stride) : 0.f;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) out[k] += s0 + u < n[k] ? wk[k][u + s0] * v[k][u] : 0.f;
       }
-      out[k] = o;
     }
     const int64_t at = (r * p.H + g * p.h + hh) * p.dv + e;
     if (p.compute_all) {  // per-branch outputs are only read back for inspection
