@@ -43,12 +43,6 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
 // touches them. Both are no-ops on older GPUs and without the launch attribute.
 // `enabled` is 0 when the backend launches without the attribute: the instructions are then
 // not executed at all (compute-sanitizer's racecheck cannot handle them).
-// Starts moving the 128-byte line at ptr towards this SM's L1 without waiting for it: for data
-// a block will read later whose address it knows early.
-__device__ __forceinline__ void prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(ptr));
-}
-
 __device__ __forceinline__ void pdl_wait(int enabled) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (enabled) asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -60,12 +60,6 @@ constexpr int kPrepareThreads = 512;
 template <typename T>
 __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int64_t g, int emit,
                                             double* rope_smem) {
-  // The gate MLP's weights do not depend on the step: their lines head for L1 now, so the MLP
-  // at the end finds them there instead of waiting on L2 twice more.
-  for (int64_t i = threadIdx.x * 32; i < p.g_hid * p.dk; i += blockDim.x * 32)
-    prefetch_l1(p.fc1_w + i);
-  for (int64_t i = threadIdx.x * 32; i < 3 * p.g_hid; i += blockDim.x * 32)
-    prefetch_l1(p.fc2_w + i);
   const RowInfo ri = row_info(p, r);
   const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
   const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
