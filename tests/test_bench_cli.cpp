@@ -1,10 +1,12 @@
 // `nsa bench decode|prefill` and `nsa summarize` end to end: CSV header and rows, reads against
 // SPEC section 5 computed here, the seed's CSV, and usage errors. Nothing here is timed.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <iterator>
 #include <sstream>
 
 #include "core/blocks.h"
@@ -117,8 +119,19 @@ TEST(BenchCli, DecodeCsvHeaderRowsAndReads) {
     EXPECT_EQ(std::stoll(f[8]), sum_expected);
     EXPECT_LE(std::stoll(f[5]), std::stoll(f[6]));
   }
-  // The console table is printed too.
+  // The console table is printed too; on the CPU its GPU-only columns (the attention alone and
+  // its share of the copy bandwidth) show "-", not a zero that reads like a measurement.
   EXPECT_NE(r.out.find("ms_total"), std::string::npos);
+  for (const int64_t S : S_list) {
+    const size_t at = r.out.find(fmt::format("\n{:>7} ", S));
+    ASSERT_NE(at, std::string::npos) << r.out;
+    const std::string line = r.out.substr(at + 1, r.out.find('\n', at + 1) - at - 1);
+    std::istringstream fields(line);
+    std::vector<std::string> field{std::istream_iterator<std::string>(fields), {}};
+    ASSERT_EQ(field.size(), 10u) << line;
+    EXPECT_EQ(field[7], "-") << line;  // p50_attn
+    EXPECT_EQ(field[9], "-") << line;  // %bw
+  }
   // summarize reads our own CSV (13 columns).
   const Result s = nsa_cli("summarize " + csv);
   ASSERT_EQ(s.code, 0) << s.err;

@@ -270,13 +270,16 @@ int bench_decode(const ShapeArgs& a) {
              "ms_total", "ms_cmp", "ms_sel", "ms_win", "p50_total", "reads act/exp", "p50_attn",
              "attn_MB", "%bw");
   for (const DecodeRow& r : rows) {
-    const double pct =
-        r.ms_attn > 0 && bw > 0 ? 100.0 * r.attn_bytes / (r.ms_attn * 1e-3) / (bw * 1e9) : 0.0;
+    // The attention alone and its share of the copy bandwidth are measured on the GPU only;
+    // elsewhere the table shows "-" rather than a zero that reads like a measurement.
+    const bool attn = r.ms_attn > 0 && bw > 0;
+    const std::string ms_attn = attn ? fmt::format("{:.4f}", r.ms_attn) : "-";
+    const std::string pct =
+        attn ? fmt::format("{:.1f}", 100.0 * r.attn_bytes / (r.ms_attn * 1e-3) / (bw * 1e9)) : "-";
     fmt::print(
-        "{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15} {:>10.4f} {:>9.2f} "
-        "{:>8.1f}\n",
+        "{:>7} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>10.4f} {:>15} {:>10} {:>9.2f} {:>8}\n",
         r.S, r.ms[0], r.ms[1], r.ms[2], r.ms[3], r.median[0],
-        fmt::format("{}/{}", r.reads_actual, r.reads_expected), r.ms_attn, r.attn_bytes / 1e6, pct);
+        fmt::format("{}/{}", r.reads_actual, r.reads_expected), ms_attn, r.attn_bytes / 1e6, pct);
   }
   if (bw > 0) fmt::print("device copy bandwidth (read + write): {:.0f} GB/s\n", bw);
   if (!a.csv.empty()) write_decode_csv(a.csv, rows);
