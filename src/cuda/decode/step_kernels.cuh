@@ -285,35 +285,55 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, Spli
   return split_range<T>(p, phase, blockIdx.x, blockIdx.y, sp);
 }
 
+// Rows [0, nk) of one tile, or (kTwo) of a K and a V tile loaded together, as 16-byte vectors
+// (kvec / vvec per row, nK / nV in all) converted to f32 into shared memory with row strides
+// kld / vld: kStage vectors per thread and tile in flight before the stores (a load-store loop
+// would wait one memory latency per load). Plain (coherent) loads, not __ldg: in the fused
+// decode kernel the rows include the token the same kernel appended.
+template <typename T, int kStage, bool kTwo, typename KRow, typename VRow>
+__device__ __forceinline__ void load_vec_tiles_f32(float* ks, int kld, int kvec, int nK, KRow krow,
+                                                   float* vs, int vld, int vvec, int nV,
+                                                   VRow vrow) {
+  constexpr int kPer = 16 / sizeof(T);  // elements per 16 bytes
+  auto store = [](float* d, const uint4& r) {
+    const T* v = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
+  };
+  const int n = kTwo ? max(nK, nV) : nK;
+  for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
+    uint4 rk[kStage], rv[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      rk[u] = i < nK ? *(reinterpret_cast<const uint4*>(krow(i / kvec)) + i % kvec)
+                     : make_uint4(0, 0, 0, 0);
+      if constexpr (kTwo) {
+        rv[u] = i < nV ? *(reinterpret_cast<const uint4*>(vrow(i / vvec)) + i % vvec)
+                       : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = base + u * blockDim.x;
+      if (i < nK) store(ks + (i / kvec) * kld + (i % kvec) * kPer, rk[u]);
+      if constexpr (kTwo) {
+        if (i < nV) store(vs + (i / vvec) * vld + (i % vvec) * kPer, rv[u]);
+      }
+    }
+  }
+}
+
 // Copies rows [0, nk) of a K or V tile (row j at src_row(j), `width` elements) into shared
-// memory as f32 with row stride ld. Plain (coherent) loads, not __ldg: in the fused decode
-// kernel the rows include the token the same kernel appended. 16-byte loads when rows allow it,
-// kStage per thread in flight before the stores (a load-store loop would wait one memory latency
-// per load).
+// memory as f32 with row stride ld: 16-byte loads when rows allow it, else element by element,
+// kStage per thread in flight before the stores.
 template <typename T, typename Row>
 __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int width, Row src_row) {
   constexpr int kStage = 8;
   if ((width * sizeof(T)) % 16 == 0) {
-    constexpr int kPer = 16 / sizeof(T);  // elements per 16 bytes
-    const int vec = width / kPer, n = nk * vec;
-    for (int base = threadIdx.x; base < n; base += kStage * blockDim.x) {
-      uint4 r[kStage];
-#pragma unroll
-      for (int u = 0; u < kStage; ++u) {
-        const int i = base + u * blockDim.x;
-        r[u] = i < n ? *(reinterpret_cast<const uint4*>(src_row(i / vec)) + i % vec)
-                     : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kStage; ++u) {
-        const int i = base + u * blockDim.x;
-        if (i >= n) continue;
-        const T* v = reinterpret_cast<const T*>(&r[u]);
-        float* d = dst + (i / vec) * ld + (i % vec) * kPer;
-#pragma unroll
-        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
-      }
-    }
+    const int vec = width / (16 / static_cast<int>(sizeof(T)));
+    load_vec_tiles_f32<T, kStage, false>(dst, ld, vec, nk * vec, src_row, nullptr, 0, 1, 0,
+                                         src_row);
     return;
   }
   const int n = nk * width;
@@ -337,40 +357,14 @@ __device__ __forceinline__ void load_tile_f32(float* dst, int ld, int nk, int wi
 template <typename T, typename KRow, typename VRow>
 __device__ __forceinline__ void load_kv_tile_f32(float* ks, int kld, float* vs, int vld, int nk,
                                                  int dk, int dv, KRow krow, VRow vrow) {
-  constexpr int kPer = 16 / sizeof(T), kStage = 4;  // elements per 16 bytes; loads per tile
+  constexpr int kPer = 16 / sizeof(T);
   if ((dk * sizeof(T)) % 16 != 0 || (dv * sizeof(T)) % 16 != 0) {
     load_tile_f32<T>(ks, kld, nk, dk, krow);
     load_tile_f32<T>(vs, vld, nk, dv, vrow);
     return;
   }
-  const int kvec = dk / kPer, vvec = dv / kPer, nK = nk * kvec, nV = nk * vvec;
-  for (int base = threadIdx.x; base < max(nK, nV); base += kStage * blockDim.x) {
-    uint4 rk[kStage], rv[kStage];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = base + u * blockDim.x;
-      rk[u] = i < nK ? *(reinterpret_cast<const uint4*>(krow(i / kvec)) + i % kvec)
-                     : make_uint4(0, 0, 0, 0);
-      rv[u] = i < nV ? *(reinterpret_cast<const uint4*>(vrow(i / vvec)) + i % vvec)
-                     : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = base + u * blockDim.x;
-      if (i < nK) {
-        const T* v = reinterpret_cast<const T*>(&rk[u]);
-        float* d = ks + (i / kvec) * kld + (i % kvec) * kPer;
-#pragma unroll
-        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
-      }
-      if (i < nV) {
-        const T* v = reinterpret_cast<const T*>(&rv[u]);
-        float* d = vs + (i / vvec) * vld + (i % vvec) * kPer;
-#pragma unroll
-        for (int e = 0; e < kPer; ++e) d[e] = to_f32(v[e]);
-      }
-    }
-  }
+  const int kvec = dk / kPer, vvec = dv / kPer;
+  load_vec_tiles_f32<T, 4, true>(ks, kld, kvec, nk * kvec, krow, vs, vld, vvec, nk * vvec, vrow);
 }
 
 // Merges a partial (running max m, sum s of exp(logit - m)) into (M, S).
