@@ -211,3 +211,18 @@ TEST(Blocks, SplitChunksTileTheKeysWithWholeTiles) {
   }
   EXPECT_EQ(nsa::cuda::splits_used(0, 8), 0);
 }
+
+// The kernels divide in-sequence counts and indices in 32 bits (div32, mod32): exact for every
+// pair below 2^31, which the backend guarantees by refusing longer contexts.
+TEST(Blocks, ThirtyTwoBitDivisionMatchesSixtyFourBit) {
+  const int64_t big = (int64_t{1} << 31) - 1;
+  const int64_t as[] = {0, 1, 15, 16, 17, 65535, 65536, 1 << 20, 123456789, big - 1, big};
+  const int64_t bs[] = {1, 2, 3, 16, 32, 64, 96, 4097, 1 << 16, big};
+  for (int64_t a : as) {
+    for (int64_t b : bs) {
+      SCOPED_TRACE(::testing::Message() << a << " / " << b);
+      EXPECT_EQ(nsa::cuda::div32(a, b), a / b);
+      EXPECT_EQ(nsa::cuda::mod32(a, b), a % b);
+    }
+  }
+}

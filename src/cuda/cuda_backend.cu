@@ -378,6 +378,10 @@ std::unique_ptr<CacheState> CudaBackend::new_cache(int64_t batch) const {
 // Grows the cache to hold `tokens` positions per sequence, keeping its contents.
 void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
   if (tokens <= cache.cap) return;
+  // The kernels index positions within a sequence with 32-bit arithmetic (cuda::div32).
+  NSA_CHECK(tokens < (int64_t{1} << 31),
+            "context of {} tokens per sequence exceeds the CUDA backend's limit of 2^31 - 1",
+            tokens);
   auto sel_smem = [&](int64_t cap) { return cuda::select_smem_bytes(nb_cap(cap)); };
   // The selection kernel keeps the block scores of a sequence in shared memory.
   NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,

@@ -129,7 +129,8 @@ __device__ __forceinline__ FusedRow fused_row(const StepParams& p, int64_t rg) {
   for (int i = 0; i < 3; ++i) f.gate[i] = p.gates[rg * 3 + i];
   // A branch's partial exists where its kernel ran for the row's tile (gate on or every branch
   // computed) and the row has keys: a tile before the first compressed token writes none.
-  f.use_c = (p.compute_all || f.gate[0] != 0.f) && num_cmp(row_info(p, rg / p.G).L, p.l, p.d) > 0;
+  f.use_c =
+      (p.compute_all || f.gate[0] != 0.f) && num_cmp(row_info(p, div32(rg, p.G)).L, p.l, p.d) > 0;
   f.use_w = p.w > 0 && (p.compute_all || f.gate[2] != 0.f);
   return f;
 }
@@ -138,7 +139,8 @@ __device__ __forceinline__ FusedRow fused_row(const StepParams& p, int64_t rg) {
 template <typename T>
 __device__ __forceinline__ void fused_output(const StepParams& p, const FusedRow& f, int64_t idx,
                                              float o_sel) {
-  const int64_t rg = f.rg, r = rg / p.G, g = rg % p.G, head = idx / p.dv, e = idx % p.dv;
+  const int64_t rg = f.rg, r = div32(rg, p.G), g = mod32(rg, p.G), head = idx / p.dv,
+                e = idx % p.dv;
   const int64_t NS = n_splits_total(p);
   const float oc = f.use_c ? p.part_o[((rg * NS) * p.h + head) * p.dv + e] : 0.f;
   const float ow = f.use_w ? p.part_o[((rg * NS + p.n_cmp_splits) * p.h + head) * p.dv + e] : 0.f;

@@ -23,7 +23,7 @@ __device__ __forceinline__ void finish_row_group(const StepParams& p, int64_t rg
   __syncthreads();
   if (!last) return;
   __threadfence();
-  combine_heads<T>(p, rg / p.G, rg % p.G, 0, p.h, weight, ws);
+  combine_heads<T>(p, div32(rg, p.G), mod32(rg, p.G), 0, p.h, weight, ws);
   if (threadIdx.x == 0) {
     p.rg_done[rg] = 0;
     finish_step(p, gridDim.x);
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   float* smem = reinterpret_cast<float*>(fused_smem);
-  const int64_t rg = blockIdx.x, r = rg / p.G, g = rg % p.G, y = blockIdx.y;
+  const int64_t rg = blockIdx.x, r = div32(rg, p.G), g = mod32(rg, p.G), y = blockIdx.y;
   // Development aid (NSA_CUDA_KERNEL_TIMES=1): SM clock at each phase boundary, block (0, 0).
   const bool stamping = p.stamps != nullptr && rg == 0 && y == 0 && threadIdx.x == 0;
   auto stamp = [&](int i) {

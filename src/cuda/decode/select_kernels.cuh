@@ -30,16 +30,16 @@ __host__ __device__ inline int64_t score_span(int64_t l, int64_t d, int64_t l_se
 // span, M[h], 1/S[h]).
 __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int64_t chunk,
                                             float* smem) {
-  const int64_t r = rg / p.G;
+  const int64_t r = div32(rg, p.G);
   const RowInfo ri = row_info(p, r);
   const float* gate = p.gates + rg * 3;
-  const int64_t nb = ri.L / p.l_sel, j0 = chunk * kScoreBlocks;
+  const int64_t nb = div32(ri.L, p.l_sel), j0 = chunk * kScoreBlocks;
   if (!(p.compute_all || gate[1] != 0.f) || j0 >= nb) return;
   const int64_t j1 = min(nb, j0 + kScoreBlocks), h = p.h;
   const int64_t n_cmp = num_cmp(ri.L, p.l, p.d);
   const int64_t lo_num = j0 * p.l_sel - p.l + 1;
-  const int64_t i0 = lo_num <= 0 ? 0 : (lo_num + p.d - 1) / p.d;
-  const int64_t i1 = min(n_cmp, (j1 * p.l_sel - 1) / p.d + 1);
+  const int64_t i0 = lo_num <= 0 ? 0 : div32(lo_num + p.d - 1, p.d);
+  const int64_t i1 = min(n_cmp, div32(j1 * p.l_sel - 1, p.d) + 1);
   float* pc = smem;  // pc[i - i0]
   float* M = pc + score_span(p.l, p.d, p.l_sel);
   float* invS = M + h;
@@ -82,8 +82,8 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   float* out = p.block_scores + rg * p.nb_cap;
   for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
     const int64_t lo = j * p.l_sel - p.l + 1;
-    const int64_t i_lo = lo <= 0 ? 0 : (lo + p.d - 1) / p.d;
-    const int64_t i_hi = min(n_cmp - 1, ((j + 1) * p.l_sel - 1) / p.d);
+    const int64_t i_lo = lo <= 0 ? 0 : div32(lo + p.d - 1, p.d);
+    const int64_t i_hi = min(n_cmp - 1, div32((j + 1) * p.l_sel - 1, p.d));
     float sc = 0.f;
     for (int64_t i = i_lo; i <= i_hi; ++i) {
       sc += pc[i - i0] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) /
@@ -114,7 +114,7 @@ __device__ __forceinline__ Forced forced_blocks(int64_t t, int64_t nb, int64_t l
                                                 int64_t n_sel) {
   Forced f;
   f.n = 0;
-  const int64_t cur = t / l_sel;
+  const int64_t cur = div32(t, l_sel);
   const int64_t cand[3] = {0, cur, cur - 1};
   for (int64_t j : cand) {
     bool dup = j < 0;
@@ -145,7 +145,7 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
   __shared__ int64_t remaining;
   __shared__ int64_t all[67];
   __shared__ int n_chosen, n_tokens;
-  const int64_t r = rg / p.G;
+  const int64_t r = div32(rg, p.G);
   const float g1 = p.gates[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
   const bool need_sel = p.compute_all || g1 != 0.f;
@@ -163,7 +163,7 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
     }
     return;
   }
-  const int64_t nb = ri.L / p.l_sel;
+  const int64_t nb = div32(ri.L, p.l_sel);
   for (int64_t j = threadIdx.x; j < nb; j += blockDim.x)
     score[j] = p.block_scores[rg * p.nb_cap + j];
   const Forced fb = forced_blocks(ri.t, nb, p.l_sel, p.n_sel);

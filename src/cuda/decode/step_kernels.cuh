@@ -16,8 +16,8 @@ struct RowInfo {
 
 __device__ __forceinline__ RowInfo row_info(const StepParams& p, int64_t r) {
   const int64_t row = p.row0 + r;
-  const int64_t t = *p.len + row % p.T;
-  return {r, row / p.T, t, t + 1};
+  const int64_t t = *p.len + mod32(row, p.T);
+  return {r, div32(row, p.T), t, t + 1};
 }
 
 __device__ __forceinline__ int64_t cache_at(const StepParams& p, int64_t b, int64_t g, int64_t pos,
@@ -39,7 +39,7 @@ __device__ __forceinline__ bool branch_needed(const StepParams& p, const float* 
 template <typename T>
 __device__ __forceinline__ void emit_compressed(const StepParams& p, const RowInfo& ri, int64_t g) {
   if (ri.L < p.l || (ri.L - p.l) % p.d != 0) return;
-  const int64_t i = (ri.L - p.l) / p.d;
+  const int64_t i = div32(ri.L - p.l, p.d);
   for (int64_t e = threadIdx.x; e < p.dk + p.dv; e += blockDim.x) {
     const bool key = e < p.dk;
     const int64_t width = key ? p.dk : p.dv, col = key ? e : e - p.dk;
@@ -229,8 +229,8 @@ template <typename T>
 __device__ __forceinline__ bool split_range(const StepParams& p, int phase, int64_t rg, int64_t s,
                                             Split& sp) {
   sp.rg = rg;
-  sp.r = sp.rg / p.G;
-  sp.g = sp.rg % p.G;
+  sp.r = div32(sp.rg, p.G);
+  sp.g = mod32(sp.rg, p.G);
   // Independent loads first, so their latencies overlap.
   const float* gate = p.gates + sp.rg * 3;
   const float g0 = gate[0], g1 = gate[1], g2 = gate[2];
@@ -553,7 +553,7 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < nh * p.dv; i += blockDim.x) {
-    const int64_t j = i / p.dv, hh = hh0 + j, e = i % p.dv;
+    const int64_t j = div32(i, p.dv), hh = hh0 + j, e = mod32(i, p.dv);
     // The first eight splits of all three branches load before any sum (__ldcg is volatile
     // asm: loads and sums interleaved would wait one L2 round trip per split); further splits
     // eight at a time.
@@ -616,7 +616,7 @@ __global__ void nsa_combine_kernel(const __grid_constant__ StepParams p) {
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   const int64_t r = blockIdx.x, hd = blockIdx.y;
-  combine_heads<T>(p, r, hd / p.h, hd % p.h, 1, &weight[0][0], kMaxSplits);
+  combine_heads<T>(p, r, div32(hd, p.h), mod32(hd, p.h), 1, &weight[0][0], kMaxSplits);
   if (p.len_out == nullptr) return;
   __syncthreads();
   if (threadIdx.x == 0) finish_step(p, gridDim.x * gridDim.y);
