@@ -194,6 +194,42 @@ TEST(Cuda, SelectionOverManyBlocksMatchesCpu) {
   for (const Case& k : cases) check_case(k);
 }
 
+// Zero input: q = 0, so every compressed logit is 0 and every interior selection block scores
+// the same. The top-n must break the ties by the lower block index, as the CPU reference does:
+// there the radix select's passes over the index bits decide (with random scores they never do).
+// 259 blocks at l_sel 32 take the radix path; bf16 storage takes the tiled prefill's own top-n.
+TEST(Cuda, SelectionTiesTakeTheLowerBlocks) {
+  REQUIRE_GPU();
+  for (const DType dtype : {DType::kF32, DType::kBF16}) {
+    const Case k{4, 2, 64, 64, 2, 8300, 3, dtype, 32};
+    SCOPED_TRACE(name(k));
+    const Config c = case_config(k);
+    const auto w = random_weights(c, 4242);
+    LayerOptions cpu_opt;
+    cpu_opt.dtype = dtype;
+    Layer cpu(c, w, cpu_opt), gpu(c, w, gpu_options(dtype));
+    Tensor x(DType::kF32, {k.B, k.S0 + k.steps, c.dim});
+    std::memset(x.raw(), 0, x.nbytes());
+    const Outs a = run(gpu, x, k.S0), ref = run(cpu, x, k.S0);
+    for (size_t i = 0; i < a.sel.size(); ++i) {
+      SCOPED_TRACE(fmt::format("call {}", i));
+      ASSERT_EQ(a.sel[i].nbytes(), ref.sel[i].nbytes());
+      EXPECT_EQ(0, std::memcmp(a.sel[i].raw(), ref.sel[i].raw(), a.sel[i].nbytes()))
+          << "selections differ";
+      EXPECT_EQ(0, std::memcmp(a.reads[i].raw(), ref.reads[i].raw(), a.reads[i].nbytes()))
+          << "reads differ";
+    }
+    // The ties went to the lower blocks: the last decode step (t = S0 + steps - 1) of sequence 0,
+    // group 0 holds blocks 0 .. n_sel - 3 and its current and previous block.
+    const Tensor& last = a.sel.back();
+    const int32_t* s0 = last.data<int32_t>();
+    const int64_t t = k.S0 + k.steps - 1, cur = t / k.l_sel;
+    for (int64_t e = 0; e + 2 < c.n_sel; ++e) EXPECT_EQ(s0[e], e) << "entry " << e;
+    EXPECT_EQ(s0[c.n_sel - 2], cur - 1);
+    EXPECT_EQ(s0[c.n_sel - 1], cur);
+  }
+}
+
 // The fused decode kernel with 16-bit storage (it attends with FFMA whatever the storage) and
 // selection blocks that are not 64 keys long; small enough for compute-sanitizer.
 TEST(Cuda, FusedDecodeSmall) {
