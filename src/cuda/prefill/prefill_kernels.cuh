@@ -47,16 +47,26 @@ inline size_t prefill_score_smem(int rows, int64_t h, int64_t nb_max) {
 }
 
 // cp.async copies of nk consecutive rows of W elements (src row stride W) into dst (row stride
-// LD); rows nk .. 63 are zero-filled. NT threads.
+// LD); rows nk .. 63 are zero-filled. NT threads. Rows go in segments of up to 64 elements
+// (8 chunks of 16 bytes), so a thread's copies differ by constant offsets (a dk-192 row is 24
+// chunks, which would need a division per copy).
 template <int W, int LD, int NT, typename T>
 __device__ __forceinline__ void copy_rows_async(T* dst, const T* src, int nk) {
-  constexpr int kc = W / 8;  // 16-byte chunks per row
-  static_assert(static_cast<int>(kTileKeys) * kc % NT == 0, "whole copy rounds per thread");
+  constexpr int kSeg = W % 64 == 0 ? 64 : W;  // elements per segment (W is 32 or a multiple of 64)
+  constexpr int kc = kSeg / 8;                // 16-byte chunks per segment
+  constexpr int kRowStep = NT / kc;           // rows between one thread's copies
+  constexpr int kRows = static_cast<int>(kTileKeys);
+  static_assert(NT % kc == 0 && kRows % kRowStep == 0 && W % kSeg == 0, "copy layout");
+  const int r0 = static_cast<int>(threadIdx.x) / kc, col = (static_cast<int>(threadIdx.x) % kc) * 8;
 #pragma unroll
-  for (int u = 0; u < static_cast<int>(kTileKeys) * kc / NT; ++u) {
-    const int i = threadIdx.x + NT * u, row = i / kc, c = i % kc;
+  for (int u = 0; u < kRows / kRowStep; ++u) {
+    const int row = r0 + u * kRowStep;
     const bool ok = row < nk;
-    cp_async16(smem_addr(dst + row * LD + c * 8), (ok ? src + row * W : src) + c * 8, ok);
+#pragma unroll
+    for (int sg = 0; sg < W / kSeg; ++sg) {
+      cp_async16(smem_addr(dst + row * LD + sg * kSeg + col),
+                 (ok ? src + row * W : src) + sg * kSeg + col, ok);
+    }
   }
 }
 
@@ -90,26 +100,31 @@ __device__ __forceinline__ PfRows pf_rows(const StepParams& p) {
   return rw;
 }
 
-// Q of this thread's rows as A fragments (rows that do not exist are zero).
-template <typename T, int DK>
+// Q of this thread's rows as A fragments (rows that do not exist are zero): the tile's rows go
+// through shared memory (qs: 16 W rows of DK + 8 elements, the K ring before it is used) with
+// 16-byte copies, then ldmatrix; not 4-byte loads of scattered rows from device memory. Every
+// thread of the block calls it.
+template <typename T, int DK, int NT>
 __device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& rw, int64_t g,
-                                             uint32_t (&qa)[DK / 16][4]) {
-  const int tig = threadIdx.x % 4;
-  const T* q[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    q[k] = static_cast<const T*>(p.q) + ((rw.r0 + rw.q[k]) * p.H + g * p.h + rw.head[k]) * DK;
+                                             uint32_t (&qa)[DK / 16][4], T* qs) {
+  constexpr int kLd = DK + 8, kc = DK / 8, kRows = NT / 2;  // 16 rows per warp
+  const int h = static_cast<int>(p.h), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* q0 = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kRows * kc; i += NT) {
+    const int m = i / kc, c = i % kc, qi = m / h;
+    const bool ok = qi < rw.n_valid;
+    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + m % h) * DK + c * 8 : q0;
+    cp_async16(smem_addr(qs + m * kLd + c * 8), src, ok);
   }
-  auto ld = [&](int k, int col) {
-    return rw.valid[k] ? *reinterpret_cast<const uint32_t*>(q[k] + col) : 0u;
-  };
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
 #pragma unroll
-  for (int kc = 0; kc < DK / 16; ++kc) {
-    qa[kc][0] = ld(0, kc * 16 + tig * 2);
-    qa[kc][1] = ld(1, kc * 16 + tig * 2);
-    qa[kc][2] = ld(0, kc * 16 + 8 + tig * 2);
-    qa[kc][3] = ld(1, kc * 16 + 8 + tig * 2);
+  for (int kc16 = 0; kc16 < DK / 16; ++kc16) {
+    ldmatrix_x4(qa[kc16],
+                smem_addr(qs + (warp * 16 + (lane & 15)) * kLd + kc16 * 16 + (lane >> 4) * 8));
   }
+  __syncthreads();  // qs is the K ring, which the caller fills next
 }
 
 // S = Q K^T of this warp's 16 rows and the 64 keys of the tile at ks (raw dot products).
@@ -348,6 +363,7 @@ template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
+  static_assert(Wp::kRows * (DK + 8) <= 2 * PfShape<DK, DV>::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
@@ -362,7 +378,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   }
   const int64_t k0 = max(int64_t{0}, rw.t0 - p.w + 1), k1 = rw.t0 + rw.n_valid;
   uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK>(p, rw, g, qa);
+  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, reinterpret_cast<T*>(smem_raw));
   const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
   const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
   float o[DV / 8][4], lse2[2];
@@ -377,6 +393,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   using Sh = PfShape<DK, DV>;
   using Wp = PfWarps<W>;
   constexpr int kTile = Sh::kTile;
+  static_assert(Wp::kRows * (DK + 8) <= 2 * Sh::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t chosen[W][Wp::kMaxChosen];
   const int64_t g = blockIdx.y;
@@ -398,7 +415,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
   const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
   uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK>(p, rw, g, qa);
+  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, pipe);
   float lse2[2] = {-INFINITY, -INFINITY};
   if (need_cmp && k1 > 0) {
     float o[DV / 8][4];
@@ -520,14 +537,18 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     __syncwarp();
     auto lane_best = [&]() {
       uint64_t best = 0ull;
-      for (int64_t j = lane; j < nb; j += 32) best = max(best, rank_key(sc[j], j));
+      for (int j = lane; j < static_cast<int>(nb); j += 32) best = max(best, rank_key(sc[j], j));
       return best;
     };
     uint64_t best = take > 0 ? lane_best() : 0ull;
     for (int64_t k = 0; k < take; ++k) {
-      uint64_t top = best;
-      for (int off = 16; off > 0; off /= 2) top = max(top, __shfl_xor_sync(0xffffffffu, top, off));
-      const int64_t j = static_cast<int64_t>(0xffffffffull - (top & 0xffffffffull));
+      // The warp's largest key: the high words' maximum, then the low words' maximum among the
+      // lanes holding it (two warp reductions, not five 64-bit shuffle rounds).
+      const auto hi = static_cast<uint32_t>(best >> 32);
+      const uint32_t top_hi = __reduce_max_sync(0xffffffffu, hi);
+      const uint32_t top_lo =
+          __reduce_max_sync(0xffffffffu, hi == top_hi ? static_cast<uint32_t>(best) : 0u);
+      const int64_t j = static_cast<int64_t>(0xffffffffu - top_lo);
       if (lane == 0) chosen[warp][nf + k] = static_cast<int32_t>(j);
       if (j % 32 == lane) {
         sc[j] = -1.f;
