@@ -740,10 +740,10 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
   k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
   if (stages == 3) {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
-    k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kSmemBytes;
+    k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kFusedSmemBytes;
   } else {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
-    k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kSmemBytes;
+    k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kFusedSmemBytes;
   }
   k.pipe_smem = cuda::PfShape<DK, DV>::kPipeBytes;
   k.threads = cuda::PfWarps<W>::kThreads;

@@ -29,6 +29,9 @@ struct TcShape {
   static constexpr size_t kMergeBytes = (2 * kWarps * 16 + kWarps * 16 * DV) * sizeof(float);
   static constexpr size_t kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   static constexpr size_t kSmemBytes = kMainBytes + 64 * sizeof(int32_t);  // + selected blocks
+  // The tiled prefill's selected pass (p.sel_fused) also holds the row's compressed and window
+  // partials (h <= 16 heads), copied in while the tiles stream.
+  static constexpr size_t kFusedSmemBytes = kSmemBytes + 2 * 16 * size_t{DV} * sizeof(float);
   static_assert(VS == KS || VS == KS - 1, "the value ring is as deep as the key ring or one less");
   static_assert(DK % 16 == 0 && DV % 16 == 0, "head dims must be multiples of 16");
 };
@@ -94,21 +97,36 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 }
 
 // cp.async copies of the tile of virtual keys [j0, j0 + nk) (W elements per row) into dst with
-// row stride LD; rows nk .. kTileKeys - 1 are zero-filled. 128 threads.
+// row stride LD; rows nk .. kTileKeys - 1 are zero-filled. 128 threads. A row is copied in
+// segments of up to 64 elements (8 chunks of 16 bytes), so a warp's copy covers whole 128-byte
+// segments of consecutive rows, and a thread's copies differ only by constant offsets (no
+// per-copy index arithmetic: dk 192 rows are 24 chunks, which do not divide the 128 threads).
 template <int W, int LD, typename T>
 __device__ __forceinline__ void copy_tile_async(T* dst, const T* base, const Split& sp, int64_t j0,
                                                 int64_t nk) {
-  constexpr int kc = W / 8;  // 16-byte chunks per row
+  constexpr int kSeg = W % 64 == 0 ? 64 : W;  // elements per segment (W is 32 or a multiple of 64)
+  constexpr int kc = kSeg / 8;                // 16-byte chunks per segment
+  constexpr int kRowStep = 128 / kc;          // rows between one thread's copies
+  constexpr int kRows = static_cast<int>(kTileKeys);
+  static_assert(128 % kc == 0 && kRows % kRowStep == 0 && W % kSeg == 0, "copy layout");
   // Splits start at whole tiles, so with l_sel a multiple of the tile a tile never straddles
   // two selected blocks: its rows are consecutive positions (one block lookup per tile).
   const bool consecutive = sp.blocks == nullptr || sp.l_sel % kTileKeys == 0;
-  const T* tile = base + key_pos(sp, j0) * W;
+  const int r0 = static_cast<int>(threadIdx.x) / kc, col = (static_cast<int>(threadIdx.x) % kc) * 8;
+  const T* src0 = base + key_pos(sp, j0) * W + r0 * W + col;  // this thread's first chunk
+  T* dst0 = dst + r0 * LD + col;
 #pragma unroll
-  for (int u = 0; u < static_cast<int>(kTileKeys) * kc / 128; ++u) {
-    const int i = threadIdx.x + 128 * u, row = i / kc, c = i % kc;
+  for (int u = 0; u < kRows / kRowStep; ++u) {
+    const int row = r0 + u * kRowStep;
     const bool ok = row < nk;
-    const T* src = !ok ? base : consecutive ? tile + row * W : base + key_pos(sp, j0 + row) * W;
-    cp_async16(smem_addr(dst + row * LD + c * 8), src + c * 8, ok);
+    const T* src_row = consecutive ? src0 + u * kRowStep * W
+                       : ok        ? base + key_pos(sp, j0 + row) * W + col
+                                   : base;  // past the split: no block lookup
+#pragma unroll
+    for (int sg = 0; sg < W / kSeg; ++sg) {
+      cp_async16(smem_addr(dst0 + u * kRowStep * LD + sg * kSeg), ok ? src_row + sg * kSeg : base,
+                 ok);
+    }
   }
 }
 
@@ -135,15 +153,20 @@ __device__ __forceinline__ FusedRow fused_row(const StepParams& p, int64_t rg) {
   return f;
 }
 
-// The gated output of all three branches for element idx = head * dv + e of a (row, group).
+// The compressed (branch 0) or window (branch 2) partial of a (row, group): h x dv floats.
+__device__ __forceinline__ const float* fused_partial(const StepParams& p, int64_t rg, int branch) {
+  const int64_t slot = branch == 0 ? 0 : p.n_cmp_splits;
+  return p.part_o + (rg * n_splits_total(p) + slot) * p.h * p.dv;
+}
+
+// The gated output of all three branches for element idx = head * dv + e of a (row, group);
+// pc and pw: its compressed and window partials (device or shared memory).
 template <typename T>
 __device__ __forceinline__ void fused_output(const StepParams& p, const FusedRow& f, int64_t idx,
-                                             float o_sel) {
-  const int64_t rg = f.rg, r = div32(rg, p.G), g = mod32(rg, p.G), head = idx / p.dv,
-                e = idx % p.dv;
-  const int64_t NS = n_splits_total(p);
-  const float oc = f.use_c ? p.part_o[((rg * NS) * p.h + head) * p.dv + e] : 0.f;
-  const float ow = f.use_w ? p.part_o[((rg * NS + p.n_cmp_splits) * p.h + head) * p.dv + e] : 0.f;
+                                             float o_sel, const float* pc, const float* pw) {
+  const int64_t rg = f.rg, r = div32(rg, p.G), g = mod32(rg, p.G);
+  const float oc = f.use_c ? pc[idx] : 0.f;
+  const float ow = f.use_w ? pw[idx] : 0.f;
   float o = 0.f;
   if (f.gate[0] != 0.f) o += f.gate[0] * oc;
   if (f.gate[1] != 0.f) o += f.gate[1] * o_sel;
@@ -166,7 +189,10 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   if (!split_range<T>(p, phase, sp)) {
     if (p.sel_fused) {  // the sel branch is off for this row: the output from the other two
       const FusedRow f = fused_row(p, sp.rg);
-      for (int64_t i = threadIdx.x; i < p.h * DV; i += blockDim.x) fused_output<T>(p, f, i, 0.f);
+      const float* pc = fused_partial(p, sp.rg, 0);
+      const float* pw = fused_partial(p, sp.rg, 2);
+      for (int64_t i = threadIdx.x; i < p.h * DV; i += blockDim.x)
+        fused_output<T>(p, f, i, 0.f, pc, pw);
     }
     return;
   }
@@ -198,6 +224,17 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
     if (g - Sh::kLag >= 0 && g - Sh::kLag < n_tiles) issue(g - Sh::kLag, false);
     cp_async_commit();
   };
+  // The prefill's selected pass: the row's compressed and window partials go to shared memory
+  // with the first tiles' copies, so the output epilogue does not wait on device memory.
+  float* partials_s = reinterpret_cast<float*>(smem_raw + Sh::kSmemBytes);  // [2][h * DV]
+  if (p.sel_fused) {
+    const float* pc = fused_partial(p, sp.rg, 0);
+    const float* pw = fused_partial(p, sp.rg, 2);
+    for (int i = threadIdx.x * 4; i < h * DV; i += blockDim.x * 4) {
+      cp_async16(smem_addr(partials_s + i), pc + i, true);
+      cp_async16(smem_addr(partials_s + h * DV + i), pw + i, true);
+    }
+  }
   for (int g = 0; g < Sh::kKS - 1; ++g) issue_group(g);
 
   // Q as A fragments for the whole split: rows gid and gid + 8 (heads past h are zero).
@@ -346,7 +383,7 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
       float a = 0.f;
 #pragma unroll
       for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
-      fused_output<T>(p, f, i, a * inv_l[i / DV]);
+      fused_output<T>(p, f, i, a * inv_l[i / DV], partials_s, partials_s + h * DV);
     }
     return;
   }

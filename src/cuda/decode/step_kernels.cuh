@@ -203,7 +203,8 @@ struct Split {
   int64_t base;             // cache position of virtual key 0 (cmp and window)
   const int32_t* blocks;    // sel: sorted selected blocks (virtual key j is in blocks[j / l_sel])
   int32_t l_sel;
-  int branch;  // 0 cmp, 1 sel, 2 win
+  int32_t l_sel_shift;  // log2(l_sel) when l_sel is a power of two, else -1
+  int branch;           // 0 cmp, 1 sel, 2 win
   const void* K;
   const void* V;  // keys and values of (b, g) at position 0
 };
@@ -211,7 +212,9 @@ struct Split {
 __device__ __forceinline__ int64_t key_pos(const Split& sp, int64_t j) {
   if (sp.blocks == nullptr) return sp.base + j;
   const int32_t jj = static_cast<int32_t>(j);
-  return static_cast<int64_t>(sp.blocks[jj / sp.l_sel]) * sp.l_sel + jj % sp.l_sel;
+  // A shift, not a division, for the usual power-of-two block length (once per tile or row).
+  const int32_t blk = sp.l_sel_shift >= 0 ? jj >> sp.l_sel_shift : jj / sp.l_sel;
+  return static_cast<int64_t>(sp.blocks[blk]) * sp.l_sel + (jj - blk * sp.l_sel);
 }
 
 // Points a sel split at a shared-memory copy (blocks_s, n_sel entries) of its selected blocks,
@@ -240,6 +243,7 @@ __device__ __forceinline__ bool split_range(const StepParams& p, int phase, int6
   sp.base = 0;
   sp.blocks = nullptr;
   sp.l_sel = static_cast<int32_t>(p.l_sel);
+  sp.l_sel_shift = (sp.l_sel & (sp.l_sel - 1)) == 0 ? __ffs(sp.l_sel) - 1 : -1;
   const void* K;
   const void* V;
   int64_t cap = p.cap;

@@ -47,16 +47,26 @@ inline size_t prefill_score_smem(int rows, int64_t h, int64_t nb_max) {
 }
 
 // cp.async copies of nk consecutive rows of W elements (src row stride W) into dst (row stride
-// LD); rows nk .. 63 are zero-filled. NT threads.
+// LD); rows nk .. 63 are zero-filled. NT threads. Rows go in segments of up to 64 elements
+// (8 chunks of 16 bytes), so a thread's copies differ by constant offsets (a dk-192 row is 24
+// chunks, which would need a division per copy).
 template <int W, int LD, int NT, typename T>
 __device__ __forceinline__ void copy_rows_async(T* dst, const T* src, int nk) {
-  constexpr int kc = W / 8;  // 16-byte chunks per row
-  static_assert(static_cast<int>(kTileKeys) * kc % NT == 0, "whole copy rounds per thread");
+  constexpr int kSeg = W % 64 == 0 ? 64 : W;  // elements per segment (W is 32 or a multiple of 64)
+  constexpr int kc = kSeg / 8;                // 16-byte chunks per segment
+  constexpr int kRowStep = NT / kc;           // rows between one thread's copies
+  constexpr int kRows = static_cast<int>(kTileKeys);
+  static_assert(NT % kc == 0 && kRows % kRowStep == 0 && W % kSeg == 0, "copy layout");
+  const int r0 = static_cast<int>(threadIdx.x) / kc, col = (static_cast<int>(threadIdx.x) % kc) * 8;
 #pragma unroll
-  for (int u = 0; u < static_cast<int>(kTileKeys) * kc / NT; ++u) {
-    const int i = threadIdx.x + NT * u, row = i / kc, c = i % kc;
+  for (int u = 0; u < kRows / kRowStep; ++u) {
+    const int row = r0 + u * kRowStep;
     const bool ok = row < nk;
-    cp_async16(smem_addr(dst + row * LD + c * 8), (ok ? src + row * W : src) + c * 8, ok);
+#pragma unroll
+    for (int sg = 0; sg < W / kSeg; ++sg) {
+      cp_async16(smem_addr(dst + row * LD + sg * kSeg + col),
+                 (ok ? src + row * W : src) + sg * kSeg + col, ok);
+    }
   }
 }
 
@@ -90,26 +100,31 @@ __device__ __forceinline__ PfRows pf_rows(const StepParams& p) {
   return rw;
 }
 
-// Q of this thread's rows as A fragments (rows that do not exist are zero).
-template <typename T, int DK>
+// Q of this thread's rows as A fragments (rows that do not exist are zero): the tile's rows go
+// through shared memory (qs: 16 W rows of DK + 8 elements, the K ring before it is used) with
+// 16-byte copies, then ldmatrix; not 4-byte loads of scattered rows from device memory. Every
+// thread of the block calls it.
+template <typename T, int DK, int NT>
 __device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& rw, int64_t g,
-                                             uint32_t (&qa)[DK / 16][4]) {
-  const int tig = threadIdx.x % 4;
-  const T* q[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    q[k] = static_cast<const T*>(p.q) + ((rw.r0 + rw.q[k]) * p.H + g * p.h + rw.head[k]) * DK;
+                                             uint32_t (&qa)[DK / 16][4], T* qs) {
+  constexpr int kLd = DK + 8, kc = DK / 8, kRows = NT / 2;  // 16 rows per warp
+  const int h = static_cast<int>(p.h), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* q0 = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kRows * kc; i += NT) {
+    const int m = i / kc, c = i % kc, qi = m / h;
+    const bool ok = qi < rw.n_valid;
+    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + m % h) * DK + c * 8 : q0;
+    cp_async16(smem_addr(qs + m * kLd + c * 8), src, ok);
   }
-  auto ld = [&](int k, int col) {
-    return rw.valid[k] ? *reinterpret_cast<const uint32_t*>(q[k] + col) : 0u;
-  };
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
 #pragma unroll
-  for (int kc = 0; kc < DK / 16; ++kc) {
-    qa[kc][0] = ld(0, kc * 16 + tig * 2);
-    qa[kc][1] = ld(1, kc * 16 + tig * 2);
-    qa[kc][2] = ld(0, kc * 16 + 8 + tig * 2);
-    qa[kc][3] = ld(1, kc * 16 + 8 + tig * 2);
+  for (int kc16 = 0; kc16 < DK / 16; ++kc16) {
+    ldmatrix_x4(qa[kc16],
+                smem_addr(qs + (warp * 16 + (lane & 15)) * kLd + kc16 * 16 + (lane >> 4) * 8));
   }
+  __syncthreads();  // qs is the K ring, which the caller fills next
 }
 
 // S = Q K^T of this warp's 16 rows and the 64 keys of the tile at ks (raw dot products).
@@ -171,26 +186,38 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
     const int64_t j0 = k0 + it * kTile;
     float s[8][4];
     tile_logits<T, DK, Sh::kLdK>(qa, ks, s);
-    float mx[2] = {-FLT_MAX, -FLT_MAX};
-    // Most tiles hold only keys every row of the warp sees: no per-key range test there.
+    // Most tiles hold only keys every row of the warp sees: no per-key range test there. Else
+    // the rows' ranges relative to the tile, as small ints.
     const bool full = __all_sync(
         0xffffffffu, lo[0] <= j0 && j0 + kTile <= hi[0] && lo[1] <= j0 && j0 + kTile <= hi[1]);
+    if (!full) {
+      int lo_r[2], hi_r[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        lo_r[k] = static_cast<int>(min(max(lo[k] - j0, int64_t{0}), int64_t{kTile}));
+        hi_r[k] = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + tig * 2 + (e & 1), k = e >> 1;
+          if (col < lo_r[k] || col >= hi_r[k]) s[nt][e] = -INFINITY;
+        }
+      }
+    }
+    float mx[2] = {-FLT_MAX, -FLT_MAX};  // of the raw logits (the scale is positive)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = j0 + nt * 8 + tig * 2 + (e & 1);
-        const int k = e >> 1;
-        s[nt][e] = full || (key >= lo[k] && key < hi[k]) ? s[nt][e] * scale2 : -INFINITY;
-        mx[k] = fmaxf(mx[k], s[nt][e]);
-      }
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
     }
     float c[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
-      const float n = fmaxf(m[k], mx[k]);
+      const float n = fmaxf(m[k], mx[k] * scale2);
       c[k] = exp2f(m[k] - n);
       m[k] = n;
     }
@@ -199,7 +226,8 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m[e >> 1]);  // masked keys: exp2(-inf) = 0
+        // Scaled logit minus the running max in one FFMA; masked keys: exp2(-inf) = 0.
+        s[nt][e] = exp2f(fmaf(s[nt][e], scale2, -m[e >> 1]));
         sum[e >> 1] += s[nt][e];
       }
     }
@@ -273,6 +301,53 @@ __device__ __forceinline__ void pf_store(const StepParams& p, const PfRows& rw, 
   }
 }
 
+// One butterfly level of pf_head_sums: values [0, kHalf) and [kHalf, 2 kHalf) of each array;
+// the lower lane of the pair (bit clear) keeps the first half, the upper lane the second.
+template <int kHalf, int kArrays>
+__device__ __forceinline__ void pf_butterfly(float (&pc)[2][16], bool upper, int off) {
+#pragma unroll
+  for (int a = 0; a < kArrays; ++a) {
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const float lo_v = pc[a][i], hi_v = pc[a][i + kHalf];
+      const float send = upper ? lo_v : hi_v, keep = upper ? hi_v : lo_v;
+      pc[a][i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+}
+
+// Sums the p_cmp values pc[k][2 nt + c] of this thread's rows (gid + 8 k; keys nt * 8 + tig * 2
+// + c of the tile) over the heads of each query and writes them to stage[query][key]. The heads
+// of a query are the low kL = log2(h) bits of gid (h <= 8), or all 16 rows of the warp (kMerge,
+// h = 16: rows gid and gid + 8 add first). Each of the kL butterfly levels exchanges half of a
+// lane's values with the lane differing in one gid bit and keeps the other half summed, so a
+// lane ends with 16 / 2^kL keys of its query(s): 14 shuffles for h = 16 instead of 48.
+template <int kL, bool kMerge>
+__device__ __forceinline__ void pf_head_sums(float (&pc)[2][16], const PfRows& rw, float* stage) {
+  const int lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  constexpr int kArrays = kMerge ? 1 : 2;
+  if constexpr (kMerge) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) pc[0][i] += pc[1][i];
+  }
+  // The value index (2 nt + c) this lane's first kept value stands for.
+  const int idx0 = (kL >= 1 ? (gid & 1) * 8 : 0) + (kL >= 2 ? ((gid >> 1) & 1) * 4 : 0) +
+                   (kL >= 3 ? ((gid >> 2) & 1) * 2 : 0);
+  if constexpr (kL >= 1) pf_butterfly<8, kArrays>(pc, gid & 1, 4);
+  if constexpr (kL >= 2) pf_butterfly<4, kArrays>(pc, (gid >> 1) & 1, 8);
+  if constexpr (kL >= 3) pf_butterfly<2, kArrays>(pc, (gid >> 2) & 1, 16);
+  constexpr int kKept = 16 >> kL;  // even for kL <= 3: pairs of adjacent keys
+#pragma unroll
+  for (int a = 0; a < kArrays; ++a) {
+#pragma unroll
+    for (int i = 0; i < kKept; i += 2) {
+      const int idx = idx0 + i, col = (idx >> 1) * 8 + tig * 2;
+      *reinterpret_cast<float2*>(stage + rw.q[a] * static_cast<int>(kTileKeys) + col) =
+          make_float2(pc[a][i], pc[a][i + 1]);
+    }
+  }
+}
+
 // Whether any query of the tile needs the branch (gate non-zero, or every branch computed).
 __device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows& rw, int64_t g,
                                               int branch) {
@@ -288,6 +363,7 @@ template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
+  static_assert(Wp::kRows * (DK + 8) <= 2 * PfShape<DK, DV>::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
@@ -302,7 +378,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   }
   const int64_t k0 = max(int64_t{0}, rw.t0 - p.w + 1), k1 = rw.t0 + rw.n_valid;
   uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK>(p, rw, g, qa);
+  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, reinterpret_cast<T*>(smem_raw));
   const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
   const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
   float o[DV / 8][4], lse2[2];
@@ -317,11 +393,12 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   using Sh = PfShape<DK, DV>;
   using Wp = PfWarps<W>;
   constexpr int kTile = Sh::kTile;
+  static_assert(Wp::kRows * (DK + 8) <= 2 * Sh::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t chosen[W][Wp::kMaxChosen];
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tig = lane % 4;
   const int h = static_cast<int>(p.h);
   const bool need_cmp = pf_tile_needs(p, rw, g, 0);  // the cmp output or the selection
   const bool need_sel = pf_tile_needs(p, rw, g, 1);
@@ -338,7 +415,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
   const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
   uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK>(p, rw, g, qa);
+  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, pipe);
   float lse2[2] = {-INFINITY, -INFINITY};
   if (need_cmp && k1 > 0) {
     float o[DV / 8][4];
@@ -359,7 +436,6 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       }
       cp_async_commit();
     };
-    const int hw = min(h, 8);  // rows of one query among a lane's row gid (and gid + 8)
     issue(0);
     for (int64_t it = 0; it < n_tiles; ++it) {
       issue(it + 1);
@@ -368,29 +444,36 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       const int64_t j0 = it * kTile;
       float s[8][4];
       tile_logits<T, DK, Sh::kLdK>(qa, pipe + (it & 1) * Sh::kKElems, s);
+      // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
+      float pc[2][16];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int k = 0; k < 2; ++k) {
+        const int lim = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int64_t key = j0 + nt * 8 + tig * 2 + c;
-          float v[2];
+        for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            v[k] = key < hi[k] ? exp2f(s[nt][2 * k + c] * scale2 - lse2[k]) : 0.f;
-          }
-          // Sum over the query's heads: rows gid .. of one query differ in the low gid bits
-          // (with h = 16, rows gid and gid + 8 are one query too).
-          if (h == 16) v[0] += v[1];
-          for (int off = 4; off < 4 * hw; off *= 2) {
-            v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-            if (h < 16) v[1] += __shfl_xor_sync(0xffffffffu, v[1], off);
-          }
-          if (gid % hw == 0) {
+          for (int c = 0; c < 2; ++c) {
             const int col = nt * 8 + tig * 2 + c;
-            stage[rw.q[0] * kTile + col] = v[0];
-            if (h < 16) stage[rw.q[1] * kTile + col] = v[1];
+            pc[k][2 * nt + c] = col < lim ? exp2f(fmaf(s[nt][2 * k + c], scale2, -lse2[k])) : 0.f;
           }
         }
+      }
+      switch (h) {  // h divides 16 (checked when the backend is built)
+        case 16:
+          pf_head_sums<3, true>(pc, rw, stage);
+          break;
+        case 8:
+          pf_head_sums<3, false>(pc, rw, stage);
+          break;
+        case 4:
+          pf_head_sums<2, false>(pc, rw, stage);
+          break;
+        case 2:
+          pf_head_sums<1, false>(pc, rw, stage);
+          break;
+        default:
+          pf_head_sums<0, false>(pc, rw, stage);
+          break;
       }
       __syncthreads();
       // Block j gets the tile's keys i it overlaps, weighted by overlap / l. One thread per
@@ -454,14 +537,18 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     __syncwarp();
     auto lane_best = [&]() {
       uint64_t best = 0ull;
-      for (int64_t j = lane; j < nb; j += 32) best = max(best, rank_key(sc[j], j));
+      for (int j = lane; j < static_cast<int>(nb); j += 32) best = max(best, rank_key(sc[j], j));
       return best;
     };
     uint64_t best = take > 0 ? lane_best() : 0ull;
     for (int64_t k = 0; k < take; ++k) {
-      uint64_t top = best;
-      for (int off = 16; off > 0; off /= 2) top = max(top, __shfl_xor_sync(0xffffffffu, top, off));
-      const int64_t j = static_cast<int64_t>(0xffffffffull - (top & 0xffffffffull));
+      // The warp's largest key: the high words' maximum, then the low words' maximum among the
+      // lanes holding it (two warp reductions, not five 64-bit shuffle rounds).
+      const auto hi = static_cast<uint32_t>(best >> 32);
+      const uint32_t top_hi = __reduce_max_sync(0xffffffffu, hi);
+      const uint32_t top_lo =
+          __reduce_max_sync(0xffffffffu, hi == top_hi ? static_cast<uint32_t>(best) : 0u);
+      const int64_t j = static_cast<int64_t>(0xffffffffu - top_lo);
       if (lane == 0) chosen[warp][nf + k] = static_cast<int32_t>(j);
       if (j % 32 == lane) {
         sc[j] = -1.f;
