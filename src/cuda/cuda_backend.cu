@@ -788,6 +788,7 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
   // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a
   // chain of dependent steps, not much work).
   constexpr int kPrepareRows = 4, kPrepareThreadsPrefill = 128;
+  static_assert(kPrepareRows <= cuda::kMaxPrepareRows, "rows per prepare block");
   launch("prepare", cuda::nsa_prepare_kernel<T>, dim3((R + kPrepareRows - 1) / kPrepareRows, G),
          dim3(kPrepareThreadsPrefill), cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, 0,
          kPrepareRows);

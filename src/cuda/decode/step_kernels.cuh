@@ -55,19 +55,22 @@ __device__ __forceinline__ void emit_compressed(const StepParams& p, const RowIn
 
 constexpr int kPrepareThreads = 512;
 
-// One (row, group): rope_smem holds cos[dk/2], sin[dk/2] (double), then the rotated queries as
-// stored qr[h][dk], u[dk], hid[g_hid].
+// Rows per block of nsa_prepare_kernel at most (the gates of a block's rows are computed
+// together, so fc1's weights are read once per block, not once per row).
+constexpr int kMaxPrepareRows = 4;
+
+// RoPE, cache append and (emit) emission of one (row, group), and the gate's input: the mean of
+// the group's rotated queries as stored, into u[dk]. rope_smem holds cos[dk/2], sin[dk/2]
+// (double), then the rotated queries qr[h][dk]. Ends with a barrier (u is visible).
 template <typename T>
-__device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int64_t g, int emit,
-                                            double* rope_smem) {
+__device__ __forceinline__ void prepare_rope(const StepParams& p, int64_t r, int64_t g, int emit,
+                                             double* rope_smem, float* u) {
   const RowInfo ri = row_info(p, r);
   const int half = static_cast<int>(p.dk / 2), dk = static_cast<int>(p.dk);
   const int h = static_cast<int>(p.h), dv = static_cast<int>(p.dv), G = static_cast<int>(p.G);
   double* cs = rope_smem;
   double* sn = cs + half;
   float* qr = reinterpret_cast<float*>(sn + half);
-  float* u = qr + h * dk;
-  float* hid = u + dk;
   // Angles in double (positions reach 1e5), once per frequency.
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
     const double a = static_cast<double>(ri.t) * p.rope_freq[j];
@@ -116,54 +119,93 @@ __device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int6
     u[e] = s / static_cast<float>(h);
   }
   __syncthreads();
-  // One warp per hidden unit, four units in flight per warp; lanes split the dot product.
+}
+
+// The gates of rows r0 .. r0 + nr - 1 (nr <= kMaxPrepareRows) of group g from their inputs
+// u[nr][dk] (prepare_rope); hid: nr * g_hid floats of shared memory. Every thread calls it.
+__device__ __forceinline__ void prepare_gates(const StepParams& p, int64_t r0, int nr, int64_t g,
+                                              const float* u, float* hid) {
+  const int dk = static_cast<int>(p.dk), g_hid = static_cast<int>(p.g_hid);
+  // One warp per hidden unit, four units in flight per warp; lanes split the dot products, and
+  // each weight serves every row of the block.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  const int g_hid = static_cast<int>(p.g_hid);
   for (int i0 = 4 * warp; i0 < g_hid; i0 += 4 * n_warps) {
-    float a[4] = {0.f, 0.f, 0.f, 0.f}, bias[4];  // the biases load beside the weights
+    float a[kMaxPrepareRows][4] = {}, bias[4];  // the biases load beside the weights
 #pragma unroll
     for (int k = 0; k < 4; ++k) bias[k] = i0 + k < g_hid ? p.fc1_b[i0 + k] : 0.f;
-#pragma unroll 8
+#pragma unroll 2
     for (int e = lane; e < dk; e += 32) {
+      float w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w[k] = i0 + k < g_hid ? p.fc1_w[(i0 + k) * p.dk + e] : 0.f;
+#pragma unroll
+      for (int rr = 0; rr < kMaxPrepareRows; ++rr) {
+        if (rr < nr) {
+          const float x = u[rr * dk + e];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) a[rr][k] += w[k] * x;
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kMaxPrepareRows; ++rr) {
+      if (rr >= nr) break;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (i0 + k < g_hid) a[k] += p.fc1_w[(i0 + k) * p.dk + e] * u[e];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      for (int off = 16; off > 0; off /= 2) a[k] += __shfl_xor_sync(0xffffffffu, a[k], off);
-      if (lane == 0 && i0 + k < g_hid) {
-        const float z = a[k] + bias[k];
-        hid[i0 + k] = z / (1.f + expf(-z));
+        for (int off = 16; off > 0; off /= 2)
+          a[rr][k] += __shfl_xor_sync(0xffffffffu, a[rr][k], off);
+        if (lane == 0 && i0 + k < g_hid) {
+          const float z = a[rr][k] + bias[k];
+          hid[rr * g_hid + i0 + k] = z / (1.f + expf(-z));
+        }
       }
     }
   }
   __syncthreads();
-  __shared__ float z[3];
-  for (int k = warp; k < 3; k += n_warps) {
+  __shared__ float z[kMaxPrepareRows][3];
+  for (int task = warp; task < 3 * nr; task += n_warps) {
+    const int k = task % 3, rr = task / 3;
     const float bias = p.fc2_b[k];
     float a = 0.f;
-    for (int i = lane; i < g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[i];
+    for (int i = lane; i < g_hid; i += 32) a += p.fc2_w[k * p.g_hid + i] * hid[rr * g_hid + i];
     for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
-    if (lane == 0) z[k] = a + bias;
+    if (lane == 0) z[rr][k] = a + bias;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float* gate = p.gates + (ri.r * p.G + g) * 3;
+  if (static_cast<int>(threadIdx.x) < nr) {
+    const int rr = static_cast<int>(threadIdx.x);
+    float* gate = p.gates + ((r0 + rr) * p.G + g) * 3;
     if (p.gate_sigmoid) {
-      for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
+      for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[rr][k]));
     } else {
-      const float m = fmaxf(z[0], fmaxf(z[1], z[2])) / p.gate_temp;
-      float e[3], s = 0.f;
-      for (int k = 0; k < 3; ++k) s += (e[k] = expf(z[k] / p.gate_temp - m));
-      for (int k = 0; k < 3; ++k) gate[k] = e[k] / s;
+      const float m = fmaxf(z[rr][0], fmaxf(z[rr][1], z[rr][2])) / p.gate_temp;
+      float e[3], sum = 0.f;
+      for (int k = 0; k < 3; ++k) sum += (e[k] = expf(z[rr][k] / p.gate_temp - m));
+      for (int k = 0; k < 3; ++k) gate[k] = e[k] / sum;
     }
   }
 }
 
-// Rows [blockIdx.x rows_per_block, ...) of group blockIdx.y, one after another (decode: one row
-// per block; prefill: a few rows per smaller block, docs/perf-cuda-prefill.md).
+// Shared-memory layout of the prepare step for `rows` rows: cos and sin (double), qr[h][dk], then
+// u[rows][dk] and hid[rows][g_hid] (floats).
+inline size_t prepare_smem_bytes(int64_t h, int64_t dk, int64_t g_hid,
+                                 int64_t rows = kMaxPrepareRows) {
+  return static_cast<size_t>(dk) * sizeof(double) +
+         static_cast<size_t>(h * dk + rows * (dk + g_hid)) * sizeof(float);
+}
+
+// One (row, group) of the fused decode kernel: RoPE, append, emission, gate.
+template <typename T>
+__device__ __forceinline__ void prepare_row(const StepParams& p, int64_t r, int64_t g, int emit,
+                                            double* rope_smem) {
+  float* u = reinterpret_cast<float*>(rope_smem + p.dk) + p.h * p.dk;
+  prepare_rope<T>(p, r, g, emit, rope_smem, u);
+  prepare_gates(p, r, 1, g, u, u + p.dk);
+}
+
+// Rows [blockIdx.x rows_per_block, ...) of group blockIdx.y (decode: one row per block; prefill:
+// a few rows per smaller block, docs/perf-cuda-prefill.md): RoPE and append row by row, then
+// the gates of all of them.
 template <typename T>
 __global__ void __launch_bounds__(kPrepareThreads)
     nsa_prepare_kernel(const __grid_constant__ StepParams p, int emit, int rows_per_block) {
@@ -171,17 +213,12 @@ __global__ void __launch_bounds__(kPrepareThreads)
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t r1 = min(p.R, r0 + rows_per_block);
-  for (int64_t r = r0; r < r1; ++r) {
-    prepare_row<T>(p, r, blockIdx.y, emit, rope_smem);
-    __syncthreads();  // the next row rewrites the shared arrays
+  const int nr = static_cast<int>(min(p.R, r0 + rows_per_block) - r0);
+  float* u = reinterpret_cast<float*>(rope_smem + p.dk) + p.h * p.dk;  // [nr][dk]
+  for (int rr = 0; rr < nr; ++rr) {
+    prepare_rope<T>(p, r0 + rr, blockIdx.y, emit, rope_smem, u + rr * p.dk);
   }
-}
-
-// Shared-memory bytes of nsa_prepare_kernel.
-inline size_t prepare_smem_bytes(int64_t h, int64_t dk, int64_t g_hid) {
-  return static_cast<size_t>(dk) * sizeof(double) +
-         static_cast<size_t>((h + 1) * dk + g_hid) * sizeof(float);
+  prepare_gates(p, r0, nr, blockIdx.y, u, u + nr * p.dk);
 }
 
 // Emission only, per (row, group): prefill launches and cache filling.

@@ -41,9 +41,9 @@ struct PfShape {
 };
 
 // Dynamic shared memory of the compressed kernel beyond the K/V ring: the block scores
-// [queries][nb_max] and the head-summed p_cmp of one tile [queries][64].
+// [queries][nb_max] and the head-summed p_cmp of two tiles [2][queries][64].
 inline size_t prefill_score_smem(int rows, int64_t h, int64_t nb_max) {
-  return static_cast<size_t>((rows / h) * (nb_max + kTileKeys)) * sizeof(float);
+  return static_cast<size_t>((rows / h) * (nb_max + 2 * kTileKeys)) * sizeof(float);
 }
 
 // cp.async copies of nk consecutive rows of W elements (src row stride W) into dst (row stride
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   const int64_t k1 = num_cmp(rw.t0 + rw.n_valid, p.l, p.d);  // keys of the tile's last query
   T* pipe = reinterpret_cast<T*>(smem_raw);
   float* scores = reinterpret_cast<float*>(smem_raw + Sh::kPipeBytes);  // [qt][nb_max]
-  float* stage = scores + rw.qt * nb_max;                               // [qt][64]
+  float* stages = scores + rw.qt * nb_max;  // [2][qt][64]: tile it uses stages[it & 1]
   const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
   const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
   uint32_t qa[DK / 16][4];
@@ -442,6 +442,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       cp_async_wait<1>();
       __syncthreads();
       const int64_t j0 = it * kTile;
+      float* stage = stages + (it & 1) * rw.qt * kTile;
       float s[8][4];
       tile_logits<T, DK, Sh::kLdK>(qa, pipe + (it & 1) * Sh::kKElems, s);
       // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
@@ -485,7 +486,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       const int jb0 = i0 * d / l_sel;
       const int jb1 = min(nb - 1, ((i0 + nk - 1) * d + l - 1) / l_sel);
       const int nbt = jb1 - jb0 + 1;
-      const float fl = static_cast<float>(l);
+      const float inv_l = 1.f / static_cast<float>(l);
       for (int idx = threadIdx.x; idx < rw.qt * nbt; idx += blockDim.x) {
         const int qi = idx / nbt, jb = jb0 + idx % nbt;
         const int lo_num = jb * l_sel - l + 1;
@@ -494,11 +495,14 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
         float sc = 0.f;
         for (int i = i_lo; i <= i_hi; ++i) {
           const int ov = min(i * d + l, (jb + 1) * l_sel) - max(i * d, jb * l_sel);
-          sc += stage[qi * kTile + (i - i0)] * static_cast<float>(ov) / fl;
+          sc += stage[qi * kTile + (i - i0)] * (static_cast<float>(ov) * inv_l);
         }
         scores[qi * nb + jb] += sc;
       }
-      __syncthreads();  // the stage and the ring are rewritten by the next iteration
+      // No barrier here: the next tile writes the other stage, its ring refill targets the
+      // stage every warp finished reading before the barrier above, and its own two barriers
+      // come before the next spread (which may update the same boundary block's score) and
+      // before the tile after it rewrites this stage.
     }
     cp_async_wait<0>();
   }
