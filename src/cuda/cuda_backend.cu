@@ -201,7 +201,8 @@ class CudaBackend final : public Backend {
   // Grows the workspace to `rows` rows with `splits` split partials per (row, group); `scoring`:
   // also the per-row compressed logits and block scores of the step kernels (the tiled prefill
   // keeps its scores in shared memory).
-  void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache, bool scoring);
+  void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache, bool scoring,
+                        bool fused);
   // Whether a prefill of T tokens per sequence onto `length` takes the tiled prefill kernels.
   bool tiled_prefill(int64_t length, int64_t T) const;
   // Block scores per query the tiled prefill kernel keeps for queries up to position L - 1.
@@ -413,7 +414,7 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
 }
 
 void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache,
-                                   bool scoring) {
+                                   bool scoring, bool fused) {
   // Each buffer grows on its own (contents are not kept: they live within one step).
   auto grow = [](DeviceBuffer& buf, int64_t n, size_t elem) {
     const size_t bytes = static_cast<size_t>(n) * elem;
@@ -439,7 +440,8 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
     done_ = DeviceBuffer(sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(done_.get(), 0, done_.bytes()));
   }
-  if (rg_done_.bytes() < static_cast<size_t>(rows * G) * sizeof(uint32_t)) {  // counters: zeroed
+  // The fused decode kernel's per-(row, group) counters, zeroed; only that kernel uses them.
+  if (fused && rg_done_.bytes() < static_cast<size_t>(rows * G) * sizeof(uint32_t)) {
     rg_done_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(rg_done_.get(), 0, rg_done_.bytes()));
   }
@@ -569,7 +571,7 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.n_cmp_splits = 1;
     p.n_sel_splits = p.n_win_splits = fused_splits();
   }
-  ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled);
+  ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled, p.fused_decode != 0);
   bind_workspace(p);
   return p;
 }
