@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cuda/common/index_math.h"
+
 namespace nsa::cuda {
 
 template <typename T>
@@ -56,9 +58,7 @@ __device__ __forceinline__ void pdl_launch_dependents(int enabled) {
 }
 
 __device__ __forceinline__ int64_t num_cmp(int64_t L, int64_t l, int64_t d) {
-  // 32-bit division (positions are below 2^31; see div32 in step_params.h).
-  return L < l ? 0
-               : static_cast<int64_t>(static_cast<uint32_t>(L - l) / static_cast<uint32_t>(d)) + 1;
+  return L < l ? 0 : div32(L - l, d) + 1;
 }
 
 __device__ __forceinline__ int64_t overlap(int64_t i, int64_t j, int64_t l, int64_t d,

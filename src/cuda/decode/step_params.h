@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "cuda/common/index_math.h"
+
 namespace nsa::cuda {
 
 // Each branch's keys of one (row, group) are spread over at most n_*_splits thread blocks
@@ -77,25 +79,8 @@ struct StepParams {
   void* o;       // [R, H*dv] storage type, gated sum (input of the output projection)
 };
 
-#ifdef __CUDACC__
-#define NSA_HOST_DEVICE __host__ __device__
-#else
-#define NSA_HOST_DEVICE
-#endif
-
 NSA_HOST_DEVICE inline int64_t n_splits_total(const StepParams& p) {
   return p.n_cmp_splits + p.n_win_splits + p.n_sel_splits;
-}
-
-// a / b and a % b for 0 <= a and 0 < b, both below 2^31: counts and indices within one sequence
-// or launch (the backend keeps cache capacities below 2^31 tokens; launch rows are far below).
-// 32-bit division is a few instructions on the GPU, 64-bit division a long subroutine (~12 % of
-// the fused decode kernel's samples in the v15 profile).
-NSA_HOST_DEVICE inline int64_t div32(int64_t a, int64_t b) {
-  return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
-}
-NSA_HOST_DEVICE inline int64_t mod32(int64_t a, int64_t b) {
-  return static_cast<int64_t>(static_cast<uint32_t>(a) % static_cast<uint32_t>(b));
 }
 
 // Keys per split when n >= 0 keys go to at most `splits` splits: a multiple of kTileKeys.
