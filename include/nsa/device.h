@@ -22,6 +22,10 @@ std::vector<std::string> cuda_devices();
 // Device-to-device copy bandwidth of CUDA device 0 in GB/s (bytes read + written), measured now
 // with a 1 GiB copy (median of 10); 0 without CUDA.
 double cuda_copy_bandwidth_gbs();
+// Read bandwidth of CUDA device 0 in GB/s, measured now by a kernel that reads `bytes` `passes`
+// times (loads cached in L2 only, median of 10); 0 without CUDA. One pass over 1 GiB measures
+// device memory; many passes over a few MiB stay in L2 and measure it.
+double cuda_read_bandwidth_gbs(size_t bytes, int passes);
 // Build options, one "key: value" per line, for `nsa info`.
 std::string build_info();
 

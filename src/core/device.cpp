@@ -37,6 +37,7 @@ std::string storage_name(DType dtype) {
 bool cuda_available() { return false; }
 std::vector<std::string> cuda_devices() { return {}; }
 double cuda_copy_bandwidth_gbs() { return 0.0; }
+double cuda_read_bandwidth_gbs(size_t, int) { return 0.0; }
 #endif
 
 std::string build_info() {

@@ -73,6 +73,59 @@ double cuda_copy_bandwidth_gbs() {
   return 2.0 * static_cast<double>(bytes) / (0.5 * (ms[4] + ms[5]) * 1e-3) / 1e9;
 }
 
+namespace cuda {
+// Reads n 16-byte words `passes` times (ld.global.cg: L2, not L1, so a small buffer read again
+// comes from L2). The sum is stored only if it equals a value it never takes, which keeps the
+// loads without writing anything.
+__global__ void nsa_read_bandwidth_kernel(const float4* __restrict__ src, int64_t n, int passes,
+                                          float* sink) {
+  float acc = 0.f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int r = 0; r < passes; ++r) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+      const float4 v = __ldcg(src + i);
+      acc += v.x + v.y + v.z + v.w;
+    }
+  }
+  if (acc == -1.f) *sink = acc;  // the buffer holds small positive values
+}
+}  // namespace cuda
+
+double cuda_read_bandwidth_gbs(size_t bytes, int passes) {
+  NSA_CHECK(bytes >= 16 && passes > 0,
+            "read bandwidth: need bytes >= 16 and passes > 0, got {} and {}", bytes, passes);
+  void* a = nullptr;
+  float* sink = nullptr;
+  NSA_CUDA_CHECK(cudaMalloc(&a, bytes));
+  NSA_CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
+  NSA_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  int sms = 0;
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int64_t n = static_cast<int64_t>(bytes / 16);
+  cudaEvent_t e0, e1;
+  NSA_CUDA_CHECK(cudaEventCreate(&e0));
+  NSA_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    NSA_CUDA_CHECK(cudaEventRecord(e0));
+    cuda::nsa_read_bandwidth_kernel<<<sms * 4, 512>>>(static_cast<const float4*>(a), n, passes,
+                                                      sink);
+    NSA_CUDA_CHECK(cudaGetLastError());
+    NSA_CUDA_CHECK(cudaEventRecord(e1));
+    NSA_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0.f;
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(sink);
+  return static_cast<double>(n) * 16 * passes / (0.5 * (ms[4] + ms[5]) * 1e-3) / 1e9;
+}
+
 namespace {
 
 using cuda::StepParams;
@@ -252,10 +305,11 @@ class CudaBackend final : public Backend {
   int sms_ = 1;       // streaming multiprocessors of the device
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
-  int tc_stages_ = 2;          // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
-  bool prefill_rows_ = false;  // NSA_CUDA_PREFILL=rows: prefill through the step kernels
-  int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
-  bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
+  int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
+  bool sel_group_major_ = true;  // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
+  bool prefill_rows_ = false;    // NSA_CUDA_PREFILL=rows: prefill through the step kernels
+  int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
@@ -304,6 +358,11 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(std::string_view(mode) == "rows" || std::string_view(mode) == "tiled",
               "NSA_CUDA_PREFILL: value '{}' is not valid; allowed: rows, tiled", mode);
     prefill_rows_ = std::string_view(mode) == "rows";
+  }
+  if (const char* order = std::getenv("NSA_CUDA_SEL_ORDER"); order != nullptr) {
+    NSA_CHECK(std::string_view(order) == "rows" || std::string_view(order) == "groups",
+              "NSA_CUDA_SEL_ORDER: value '{}' is not valid; allowed: rows, groups", order);
+    sel_group_major_ = std::string_view(order) == "groups";
   }
   if (const char* chunk = std::getenv("NSA_CUDA_PREFILL_CHUNK"); chunk != nullptr) {
     prefill_chunk_ = std::atoll(chunk);
@@ -563,6 +622,7 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.n_win_splits = 1;
     p.n_sel_splits = 1;
     p.sel_fused = 1;
+    p.sel_group_major = sel_group_major_ ? 1 : 0;
     p.len_out = nullptr;
     p.advance = 0;
   } else if (T == 1 && fused_decode(cache)) {

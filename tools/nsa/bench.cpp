@@ -363,6 +363,17 @@ int bench_prefill(const ShapeArgs& a) {
                r.ms_mean, r.ms_median, static_cast<double>(a.B * r.S) / (r.ms_median * 1e-3),
                r.gflop, tflops(r), attn(r.ms_attn, 3), attn(attn_tflops(r), 1));
   }
+  // The floors of the selected branch's gather (docs/perf-cuda-prefill.md): device memory, and
+  // L2 for blocks that neighbouring queries have just read.
+  const bool gpu = opt.device == nsa::Device::kCuda;
+  const double bw_hbm = gpu ? nsa::cuda_read_bandwidth_gbs(size_t{1} << 30, 1) : 0.0;
+  const double bw_l2 = gpu ? nsa::cuda_read_bandwidth_gbs(size_t{16} << 20, 128) : 0.0;
+  if (gpu) {
+    fmt::print(
+        "device read bandwidth: {:.0f} GB/s (1 GiB, device memory), {:.0f} GB/s (16 MiB read "
+        "128 times, L2)\n",
+        bw_hbm, bw_l2);
+  }
   if (!a.csv.empty()) {
     std::ofstream out(a.csv);
     NSA_CHECK(out.good(), "cannot open '{}' for writing", a.csv);
@@ -380,6 +391,8 @@ int bench_prefill(const ShapeArgs& a) {
   if (!a.json.empty()) {
     nlohmann::json j = run_metadata(a, c, opt);
     j["bench"] = "prefill";
+    j["read_bandwidth_gbs"] = bw_hbm;
+    j["l2_read_bandwidth_gbs"] = bw_l2;
     for (const Row& r : rows) {
       j["rows"].push_back({{"S", r.S},
                            {"ms_prefill", r.ms_mean},

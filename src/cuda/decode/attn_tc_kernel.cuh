@@ -186,7 +186,9 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   using Sh = TcShape<DK, DV, KS, VS>;
   constexpr int kTile = static_cast<int>(kTileKeys);
   Split sp;
-  if (!split_range<T>(p, phase, sp)) {
+  const auto bx = static_cast<int64_t>(blockIdx.x);
+  const int64_t rg = p.sel_group_major ? mod32(bx, p.R) * p.G + div32(bx, p.R) : bx;
+  if (!split_range<T>(p, phase, rg, blockIdx.y, sp)) {
     if (p.sel_fused) {  // the sel branch is off for this row: the output from the other two
       const FusedRow f = fused_row(p, sp.rg);
       const float* pc = fused_partial(p, sp.rg, 0);

@@ -31,6 +31,10 @@ struct StepParams {
   // 1 (tiled prefill): the sel pass runs one split per (row, group) and writes the gated
   // output o itself from the single cmp and window partials (no combine kernel).
   int sel_fused;
+  // 1 (tiled prefill): the sel pass takes its (row, group) pairs group-major (block x: group
+  // x / R, row x % R), so the blocks running at once gather from one group's K/V (42 MB at 64k,
+  // which L2 holds) rather than from all groups'.
+  int sel_group_major;
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)

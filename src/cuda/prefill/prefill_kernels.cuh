@@ -16,6 +16,7 @@
 // group) per block, the h heads as MMA rows) and the step's LSE combine and gate.
 #pragma once
 
+#include "cuda/common/wgmma.cuh"
 #include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/select_kernels.cuh"
 
@@ -148,6 +149,114 @@ __device__ __forceinline__ void tile_logits(const uint32_t (&qa)[DK / 16][4], co
   }
 }
 
+// The two-stage K/V ring of the prefill kernels. On sm_90a, for dk a multiple of 64 and dv 128,
+// tiles are stored with the 128-byte swizzle and multiplied by warpgroup MMAs (wgmma,
+// common/wgmma.cuh): a warpgroup's 4 warps are the 64 rows of one wgmma, with the same
+// per-thread fragments as before. Elsewhere rows are padded (ldmatrix without bank conflicts) and
+// multiplied by mma.sync. dv 64 stays on mma.sync: its P V as one m64n64k16 wgmma gave wrong
+// outputs on the H100 (docs/perf-cuda-prefill.md, v22) while dv 128 matches the CPU reference.
+// Every thread of the block calls load, ready, logits and accumulate.
+template <typename T, int DK, int DV, int NT>
+struct PfRing {
+  using Sh = PfShape<DK, DV>;
+  static constexpr bool kWg = NSA_HAS_WGMMA && DK % 64 == 0 && DV == 128;
+  static constexpr int kKStage = kWg ? DK * Sh::kTile : Sh::kKElems;  // elements per stage
+  static constexpr int kVStage = kWg ? DV * Sh::kTile : Sh::kVElems;
+  // The swizzled ring starts at the next 1024-byte boundary: the padding of the unswizzled
+  // layout (16 elements per row, 2 x 64 x 16 x 2 bytes) leaves room for it in kPipeBytes.
+  static_assert(!kWg || 2 * (kKStage + kVStage) * 2 + 1024 <= Sh::kPipeBytes, "ring fits");
+  T* base;
+
+  __device__ explicit PfRing(T* pipe) : base(pipe) {
+    if constexpr (kWg) {
+      const uint32_t a = smem_addr(pipe);
+      base = pipe + (((a + 1023u) & ~1023u) - a) / sizeof(T);
+    }
+  }
+  __device__ T* k(int stage) const { return base + stage * kKStage; }
+  __device__ T* v(int stage) const { return base + 2 * kKStage + stage * kVStage; }
+
+  __device__ void load_k(int stage, const T* src, int nk) const {
+    if constexpr (kWg) {
+      copy_rows_sw128<DK, NT>(k(stage), src, nk);
+    } else {
+      copy_rows_async<DK, Sh::kLdK, NT>(k(stage), src, nk);
+    }
+  }
+  __device__ void load_v(int stage, const T* src, int nk) const {
+    if constexpr (kWg) {
+      copy_rows_sw128<DV, NT>(v(stage), src, nk);
+    } else {
+      copy_rows_async<DV, Sh::kLdV, NT>(v(stage), src, nk);
+    }
+  }
+
+  // After cp_async_wait: the stage's copies are visible to every thread and to wgmma.
+  __device__ void ready() const {
+#if NSA_HAS_WGMMA
+    if constexpr (kWg) fence_proxy_async();
+#endif
+    __syncthreads();
+  }
+
+  // S = Q K^T of this warp's 16 rows and the stage's 64 keys (raw dot products).
+  __device__ void logits(const uint32_t (&qa)[DK / 16][4], int stage, float (&s)[8][4]) const {
+#if NSA_HAS_WGMMA
+    if constexpr (kWg) {
+      const uint32_t ks = smem_addr(k(stage));
+      wg_fence();
+#pragma unroll
+      for (int kc = 0; kc < DK / 16; ++kc) {
+        wgmma_rs<T, 64, 0>(s, qa[kc], desc_k_major(ks, kc), kc > 0 ? 1 : 0);
+      }
+      wg_commit();
+      wg_wait<0>();
+      wg_fence_regs(s);
+      return;
+    }
+#endif
+    tile_logits<T, DK, Sh::kLdK>(qa, k(stage), s);
+  }
+
+  // O += P V: P is the tile's exponentials s (rounded to 16 bits) as A fragments.
+  __device__ void accumulate(const float (&s)[8][4], int stage, float (&o)[DV / 8][4]) const {
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+#if NSA_HAS_WGMMA
+    if constexpr (kWg) {
+      const uint32_t vs = smem_addr(v(stage));
+      wg_fence_regs(o);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], desc_mn_major(vs, kk), 1);
+      wg_commit();
+      wg_wait<0>();
+      wg_fence_regs(o);
+      return;
+    }
+#endif
+    const int lane = threadIdx.x % 32;
+    const T* vt = v(stage);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(
+            b, smem_addr(vt + (kk * 16 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
+        mma16816<T>(o[2 * nd], pa[kk], b[0], b[1]);
+        mma16816<T>(o[2 * nd + 1], pa[kk], b[2], b[3]);
+      }
+    }
+  }
+};
+
 // Pass 1 over keys [k0, k1) of K/V (rows of DK / DV elements from position 0): each row attends
 // to its own range [lo, hi) (rows that do not exist: [0, kNoRowEnd), their Q is zero and their
 // results are never stored). Leaves the row's output (normalised) in o and its log-sum-exp in
@@ -160,15 +269,14 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
   using Sh = PfShape<DK, DV>;
   constexpr int kTile = Sh::kTile;
   const int lane = threadIdx.x % 32, tig = lane % 4;
-  T* k_ring = pipe;
-  T* v_ring = pipe + 2 * Sh::kKElems;
+  const PfRing<T, DK, DV, NT> ring(pipe);
   const int64_t n_tiles = k1 > k0 ? (k1 - k0 + kTile - 1) / kTile : 0;
   auto issue = [&](int64_t it) {
     if (it < n_tiles) {
       const int64_t j0 = k0 + it * kTile;
       const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
-      copy_rows_async<DK, Sh::kLdK, NT>(k_ring + (it & 1) * Sh::kKElems, K + j0 * DK, nk);
-      copy_rows_async<DV, Sh::kLdV, NT>(v_ring + (it & 1) * Sh::kVElems, V + j0 * DV, nk);
+      ring.load_k(static_cast<int>(it & 1), K + j0 * DK, nk);
+      ring.load_v(static_cast<int>(it & 1), V + j0 * DV, nk);
     }
     cp_async_commit();
   };
@@ -180,12 +288,11 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
   for (int64_t it = 0; it < n_tiles; ++it) {
     issue(it + 1);
     cp_async_wait<1>();
-    __syncthreads();
-    const T* ks = k_ring + (it & 1) * Sh::kKElems;
-    const T* vs = v_ring + (it & 1) * Sh::kVElems;
+    ring.ready();
+    const int stage = static_cast<int>(it & 1);
     const int64_t j0 = k0 + it * kTile;
     float s[8][4];
-    tile_logits<T, DK, Sh::kLdK>(qa, ks, s);
+    ring.logits(qa, stage, s);
     // Most tiles hold only keys every row of the warp sees: no per-key range test there. Else
     // the rows' ranges relative to the tile, as small ints.
     const bool full = __all_sync(
@@ -240,21 +347,7 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
       o[nd][2] *= c[1];
       o[nd][3] *= c[1];
     }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // P (rounded to 16 bits) as the A fragment of P V
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(
-            b, smem_addr(vs + (kk * 16 + (lane & 15)) * Sh::kLdV + nd * 16 + (lane >> 4) * 8));
-        mma16816<T>(o[2 * nd], pa, b[0], b[1]);
-        mma16816<T>(o[2 * nd + 1], pa, b[2], b[3]);
-      }
-    }
+    ring.accumulate(s, stage, o);
     __syncthreads();  // the stage is refilled by the next iteration's issue
   }
   cp_async_wait<0>();
@@ -428,11 +521,12 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     // selection blocks by overlap. Keys only.
     const float scale2 = p.scale * 1.4426950408889634f;
     const int64_t n_tiles = (k1 + kTile - 1) / kTile;
+    const PfRing<T, DK, DV, Wp::kThreads> ring(pipe);
     auto issue = [&](int64_t it) {
       if (it < n_tiles) {
         const int64_t j0 = it * kTile;
         const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
-        copy_rows_async<DK, Sh::kLdK, Wp::kThreads>(pipe + (it & 1) * Sh::kKElems, K + j0 * DK, nk);
+        ring.load_k(static_cast<int>(it & 1), K + j0 * DK, nk);
       }
       cp_async_commit();
     };
@@ -440,11 +534,11 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     for (int64_t it = 0; it < n_tiles; ++it) {
       issue(it + 1);
       cp_async_wait<1>();
-      __syncthreads();
+      ring.ready();
       const int64_t j0 = it * kTile;
       float* stage = stages + (it & 1) * rw.qt * kTile;
       float s[8][4];
-      tile_logits<T, DK, Sh::kLdK>(qa, pipe + (it & 1) * Sh::kKElems, s);
+      ring.logits(qa, static_cast<int>(it & 1), s);
       // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
       float pc[2][16];
 #pragma unroll
