@@ -17,7 +17,7 @@ case "$MODE" in quick | seed | decode | prefill | full | profile) ;; *)
   exit 2
   ;;
 esac
-log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+log() { echo "== $* [$(date +%T)]" | tee -a "$OUT/summary.txt"; }
 # At most 8 files come back from a device call: summary.txt, tests.log (ctest and the sanitizers), ncu.log
 # and the benchmark CSVs.
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
