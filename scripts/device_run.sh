@@ -29,7 +29,7 @@ NSA=./build-dev/nsa
 $NSA info | tee -a "$OUT/summary.txt"
 
 log "tests (all suites, GPU included)"
-(cd build-dev && ctest -j 8 --output-on-failure > "$OUT/tests.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
+(cd build-dev && ctest -j 8 --timeout 300 --output-on-failure > "$OUT/tests.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
 grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.txt"
 
 ./build-dev/tests/nsa_tests --gtest_filter='Cuda.*' 2>&1 | grep -E "^\[ cuda|PASSED|FAILED" | tee -a "$OUT/summary.txt"
@@ -41,7 +41,7 @@ log "compute-sanitizer memcheck + racecheck"
 # which are not ours to fix; they are counted apart. (Filtering racecheck to our kernels with
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
+  timeout 400 compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
     --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*' > sanitizer_$tool.log 2>&1
   rc=$?
   ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
