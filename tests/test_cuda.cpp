@@ -335,33 +335,8 @@ TEST(Cuda, TiledPrefillMatchesCpu) {
       {16, 2, 64, 64, 1, 4096, 2, DType::kF16},          // h = 8, 64 blocks to choose from
       {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},   // l_sel 32
       {8, 2, 64, 64, 2, 700, 2, DType::kBF16, 64, 333},  // a second prefill onto a cache
-      {16, 1, 192, 128, 1, 2100, 2, DType::kF16},        // 3 compressed tiles (one ring turn)
   };
   for (const Case& k : cases) check_case(k);
-}
-
-// The wgmma path's loops without the next tile's Q K^T in flight (NSA_CUDA_PREFILL_PIPE=0, the
-// 2-stage ring that long contexts fall back to), at the head dims that have both.
-TEST(Cuda, TiledPrefillUnpipelinedMatchesCpu) {
-  REQUIRE_GPU();
-  const ScopedEnv pipe("NSA_CUDA_PREFILL_PIPE", "0");
-  const Case cases[] = {
-      {16, 1, 192, 128, 1, 2100, 2, DType::kBF16},
-      {32, 2, 128, 128, 2, 300, 2, DType::kF16},
-  };
-  for (const Case& k : cases) check_case(k);
-}
-
-TEST(Cuda, PrefillPipeKnobIsChecked) {
-  REQUIRE_GPU();
-  const ScopedEnv pipe("NSA_CUDA_PREFILL_PIPE", "yes");
-  const Config c = case_config({16, 1, 192, 128, 1, 0, 0, DType::kBF16});
-  try {
-    Layer gpu(c, random_weights(c, 3), gpu_options(DType::kBF16));
-    FAIL() << "no error for NSA_CUDA_PREFILL_PIPE=yes";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("NSA_CUDA_PREFILL_PIPE"), std::string::npos) << e.what();
-  }
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -378,10 +353,6 @@ TEST(Cuda, TiledPrefillSmall) {
     for (const Case& k : cases) check_case(k);
   }
   check_case({2, 2, 32, 32, 2, 150, 2, DType::kF16});  // h = 1: 128 queries per tile
-  {
-    const ScopedEnv pipe("NSA_CUDA_PREFILL_PIPE", "0");  // the unpipelined wgmma loops
-    check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});
-  }
   const ScopedEnv rows_path("NSA_CUDA_PREFILL", "rows");
   check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});
 }

@@ -235,8 +235,6 @@ class PinnedBuffer {
   size_t bytes_ = 0;
 };
 
-struct PrefillKernels;  // the tiled prefill's kernels for one head-dim pair (below)
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o);
@@ -260,8 +258,6 @@ class CudaBackend final : public Backend {
                         bool fused);
   // Whether a prefill of T tokens per sequence onto `length` takes the tiled prefill kernels.
   bool tiled_prefill(int64_t length, int64_t T) const;
-  template <typename T>
-  PrefillKernels prefill_set(int64_t nb_max) const;
   // Block scores per query the tiled prefill kernel keeps for queries up to position L - 1.
   int64_t prefill_nb_max(int64_t L) const { return L / c_.l_sel + 1; }
   template <typename T>
@@ -312,8 +308,6 @@ class CudaBackend final : public Backend {
   int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
   bool sel_group_major_ = true;  // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
   bool prefill_rows_ = false;    // NSA_CUDA_PREFILL=rows: prefill through the step kernels
-  bool wgmma_ = false;           // the device runs the sm_90a code (compute capability 9.0)
-  bool prefill_pipe_ = true;     // NSA_CUDA_PREFILL_PIPE=0: the prefill's wgmma loops unpipelined
   int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
@@ -348,14 +342,6 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
-  int minor = 0;
-  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_));
-  wgmma_ = major == 9 && minor == 0;
-  if (const char* pipe = std::getenv("NSA_CUDA_PREFILL_PIPE"); pipe != nullptr) {
-    NSA_CHECK(std::string_view(pipe) == "0" || std::string_view(pipe) == "1",
-              "NSA_CUDA_PREFILL_PIPE: value '{}' is not valid; allowed: 0, 1", pipe);
-    prefill_pipe_ = std::string_view(pipe) == "1";
-  }
   if (const char* stages = std::getenv("NSA_CUDA_TC_STAGES"); stages != nullptr) {
     tc_stages_ = std::atoi(stages);
     NSA_CHECK(tc_stages_ == 2 || tc_stages_ == 3,
@@ -809,23 +795,11 @@ struct PrefillKernels {
   int threads = 0, rows = 0;  // per block of the cmp and window kernels
 };
 
-// wgmma: the device runs the sm_90a code (the prefill's ring layout depends on it); pipelined:
-// the wgmma path's 3-stage ring with the next tile's Q K^T in flight (NSA_CUDA_PREFILL_PIPE).
 template <typename T, int DK, int DV, int W>
-bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, bool pipelined,
-                  PrefillKernels& k) {
+bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
   if (dk != DK || dv != DV) return false;
-  constexpr bool kCanPipe = cuda::pf_wgmma_dims(DK, DV);
-  const bool pipe = kCanPipe && wgmma && pipelined;
-  if constexpr (kCanPipe) {
-    k.cmp = pipe ? cuda::nsa_prefill_cmp_kernel<T, DK, DV, W, true>
-                 : cuda::nsa_prefill_cmp_kernel<T, DK, DV, W, false>;
-    k.win = pipe ? cuda::nsa_prefill_win_kernel<T, DK, DV, W, true>
-                 : cuda::nsa_prefill_win_kernel<T, DK, DV, W, false>;
-  } else {
-    k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W, false>;
-    k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W, false>;
-  }
+  k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
+  k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
   if (stages == 3) {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
     k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kFusedSmemBytes;
@@ -833,7 +807,7 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, bool pipelined
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
     k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kFusedSmemBytes;
   }
-  k.pipe_smem = cuda::pf_pipe_bytes<DK, DV>(wgmma, pipe);
+  k.pipe_smem = cuda::PfShape<DK, DV>::kPipeBytes;
   k.threads = cuda::PfWarps<W>::kThreads;
   k.rows = cuda::PfWarps<W>::kRows;
   return true;
@@ -845,46 +819,32 @@ constexpr int kPrefillWarps = 8;
 // of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
 // (docs/perf-cuda-prefill.md). `stages`: the key ring of the selected pass (2 or 3).
 template <typename T>
-PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages, bool wgmma, bool pipelined) {
+PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
   constexpr int W = kPrefillWarps;
   PrefillKernels k;
-  (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, wgmma, pipelined, k) ||
-         pick_prefill<T, 64, 64, W>(dk, dv, stages, wgmma, pipelined, k) ||
-         pick_prefill<T, 128, 128, W>(dk, dv, stages, wgmma, pipelined, k) ||
-         pick_prefill<T, 192, 128, W>(dk, dv, stages, wgmma, pipelined, k));
+  (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 64, 64, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 128, 128, W>(dk, dv, stages, k) ||
+         pick_prefill<T, 192, 128, W>(dk, dv, stages, k));
   return k;
 }
 
 // The cmp kernel's static shared memory is kept out of the dynamic budget.
 constexpr size_t kMaxDynamicSmem = 227 * 1024 - cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem;
 
-// The tiled prefill kernels for a call whose queries see up to nb_max selection blocks: the
-// pipelined wgmma loops where their 3-stage ring leaves room for the scores, else the
-// unpipelined ones (2-stage ring), which reach longer contexts.
-template <typename T>
-PrefillKernels CudaBackend::prefill_set(int64_t nb_max) const {
-  const int64_t h = c_.heads_per_group();
-  PrefillKernels k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, prefill_pipe_);
-  if (k.cmp != nullptr && prefill_pipe_ &&
-      k.pipe_smem + cuda::prefill_score_smem(k.rows, h, nb_max) > kMaxDynamicSmem) {
-    k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, false);
-  }
-  return k;
-}
-
 bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
   const int64_t h = c_.heads_per_group();
   if (h > 16 || 16 % h != 0) return false;
-  const int64_t nb_max = prefill_nb_max(length + T);
-  const PrefillKernels k = prefill_set<__half>(nb_max);
+  const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv, tc_stages_);
   if (k.cmp == nullptr) return false;
-  return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, nb_max) <= kMaxDynamicSmem;
+  return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
+         kMaxDynamicSmem;
 }
 
 template <typename T>
 void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
-  const PrefillKernels k = prefill_set<T>(nb_max);
+  const PrefillKernels k = prefill_kernels<T>(p.dk, p.dv, tc_stages_);
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
   const auto G = static_cast<unsigned>(p.G);
   // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a

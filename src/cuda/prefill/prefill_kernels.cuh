@@ -4,8 +4,6 @@
 // it loads serves all the group's heads of several queries; each warp owns 16 rows
 // (FlashAttention-2 style: S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in
 // registers), and every row keeps its own causal key range inside the kernel (no mask tensors).
-// On sm_90a with dv 128 the tiles go through warpgroup MMAs (wgmma) instead, and the next
-// tile's S = Q K^T runs while this tile's softmax or scoring does (PfRing::run_pipelined).
 //
 // nsa_prefill_cmp_kernel: the compressed branch, fused with the scoring and the top-n. Pass 1
 // streams the row's visible compressed keys (output and log-sum-exp); pass 2 streams the keys
@@ -151,39 +149,22 @@ __device__ __forceinline__ void tile_logits(const uint32_t (&qa)[DK / 16][4], co
   }
 }
 
-// Whether the prefill kernels multiply with warpgroup MMAs for these head dims (where the
-// device runs the sm_90a code): dk a multiple of 64 and dv 128 (see PfRing).
-constexpr bool pf_wgmma_dims(int dk, int dv) { return dk % 64 == 0 && dv == 128; }
-
-// Shared memory of the K/V ring (dynamic, before the cmp kernel's scores): the padded 2-stage
-// ring of the mma.sync path, or the swizzled ring of the wgmma path (3 stages when pipelined)
-// from the next 1024-byte boundary. The host calls it with wgmma = whether the sm_90a code runs.
-template <int DK, int DV>
-constexpr size_t pf_pipe_bytes(bool wgmma, bool pipelined) {
-  if (!wgmma || !pf_wgmma_dims(DK, DV)) return PfShape<DK, DV>::kPipeBytes;
-  const size_t stages = pipelined ? 3 : 2;
-  const size_t ring = stages * static_cast<size_t>(DK + DV) * kTileKeys * 2 + 1024;
-  return ring > PfShape<DK, DV>::kPipeBytes ? ring : PfShape<DK, DV>::kPipeBytes;
-}
-
-// The K/V ring of the prefill kernels. On sm_90a, for dk a multiple of 64 and dv 128, tiles are
-// stored with the 128-byte swizzle and multiplied by warpgroup MMAs (wgmma, common/wgmma.cuh): a
-// warpgroup's 4 warps are the 64 rows of one wgmma, with the same per-thread fragments as
-// before; with kPipe the ring has 3 stages and the loops issue the next tile's S = Q K^T before
-// this tile's softmax or scoring (pf_attend_wg). Elsewhere rows are padded (ldmatrix without
-// bank conflicts), the ring has 2 stages and tiles are multiplied by mma.sync. dv 64 stays on
-// mma.sync: its P V as one m64n64k16 wgmma gave wrong outputs on the H100
-// (docs/perf-cuda-prefill.md, v22) while dv 128 matches the CPU reference.
+// The two-stage K/V ring of the prefill kernels. On sm_90a, for dk a multiple of 64 and dv 128,
+// tiles are stored with the 128-byte swizzle and multiplied by warpgroup MMAs (wgmma,
+// common/wgmma.cuh): a warpgroup's 4 warps are the 64 rows of one wgmma, with the same
+// per-thread fragments as before. Elsewhere rows are padded (ldmatrix without bank conflicts) and
+// multiplied by mma.sync. dv 64 stays on mma.sync: its P V as one m64n64k16 wgmma gave wrong
+// outputs on the H100 (docs/perf-cuda-prefill.md, v22) while dv 128 matches the CPU reference.
 // Every thread of the block calls load, ready, logits and accumulate.
-template <typename T, int DK, int DV, int NT, bool kPipe>
+template <typename T, int DK, int DV, int NT>
 struct PfRing {
   using Sh = PfShape<DK, DV>;
-  static constexpr bool kWg = NSA_HAS_WGMMA && pf_wgmma_dims(DK, DV);
-  static constexpr int kStages = kWg && kPipe ? 3 : 2;
+  static constexpr bool kWg = NSA_HAS_WGMMA && DK % 64 == 0 && DV == 128;
   static constexpr int kKStage = kWg ? DK * Sh::kTile : Sh::kKElems;  // elements per stage
   static constexpr int kVStage = kWg ? DV * Sh::kTile : Sh::kVElems;
-  static constexpr size_t kBytes = pf_pipe_bytes<DK, DV>(kWg, kPipe);
-  static_assert(!kWg || size_t{kStages} * (kKStage + kVStage) * 2 + 1024 <= kBytes, "ring fits");
+  // The swizzled ring starts at the next 1024-byte boundary: the padding of the unswizzled
+  // layout (16 elements per row, 2 x 64 x 16 x 2 bytes) leaves room for it in kPipeBytes.
+  static_assert(!kWg || 2 * (kKStage + kVStage) * 2 + 1024 <= Sh::kPipeBytes, "ring fits");
   T* base;
 
   __device__ explicit PfRing(T* pipe) : base(pipe) {
@@ -193,7 +174,7 @@ struct PfRing {
     }
   }
   __device__ T* k(int stage) const { return base + stage * kKStage; }
-  __device__ T* v(int stage) const { return base + kStages * kKStage + stage * kVStage; }
+  __device__ T* v(int stage) const { return base + 2 * kKStage + stage * kVStage; }
 
   __device__ void load_k(int stage, const T* src, int nk) const {
     if constexpr (kWg) {
@@ -218,9 +199,7 @@ struct PfRing {
     __syncthreads();
   }
 
-  // S = Q K^T of this warp's 16 rows and the stage's 64 keys (raw dot products). kAsync
-  // (wgmma path only): the MMAs are left in flight (run_pipelined waits for them).
-  template <bool kAsync = false>
+  // S = Q K^T of this warp's 16 rows and the stage's 64 keys (raw dot products).
   __device__ void logits(const uint32_t (&qa)[DK / 16][4], int stage, float (&s)[8][4]) const {
 #if NSA_HAS_WGMMA
     if constexpr (kWg) {
@@ -231,19 +210,15 @@ struct PfRing {
         wgmma_rs<T, 64, 0>(s, qa[kc], desc_k_major(ks, kc), kc > 0 ? 1 : 0);
       }
       wg_commit();
-      if constexpr (!kAsync) {
-        wg_wait<0>();
-        wg_fence_regs(s);
-      }
+      wg_wait<0>();
+      wg_fence_regs(s);
       return;
     }
 #endif
     tile_logits<T, DK, Sh::kLdK>(qa, k(stage), s);
   }
 
-  // O += P V: P is the tile's exponentials s (rounded to 16 bits) as A fragments. kAsync
-  // (wgmma path only): the MMAs are left in flight (run_pipelined waits for them).
-  template <bool kAsync = false>
+  // O += P V: P is the tile's exponentials s (rounded to 16 bits) as A fragments.
   __device__ void accumulate(const float (&s)[8][4], int stage, float (&o)[DV / 8][4]) const {
     uint32_t pa[4][4];
 #pragma unroll
@@ -261,10 +236,8 @@ struct PfRing {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], desc_mn_major(vs, kk), 1);
       wg_commit();
-      if constexpr (!kAsync) {
-        wg_wait<0>();
-        wg_fence_regs(o);
-      }
+      wg_wait<0>();
+      wg_fence_regs(o);
       return;
     }
 #endif
@@ -282,139 +255,28 @@ struct PfRing {
       }
     }
   }
-
-  // The tile loop of the 3-stage ring (kStages == 3): body(s, it) handles tile it from its
-  // logits s while tile it + 1's S = Q K^T runs on the tensor cores (FlashAttention-3's
-  // intra-warpgroup overlap), and issue(it) loads tile it into stage it % 3. Tile it + 2 loads
-  // into the stage that tile it - 1 left, after the barrier that every warp passes only once
-  // done with it. body may leave MMAs in flight on acc (accumulate<true>); they and tile
-  // it + 1's logits are waited for before the next tile. Every thread of the block calls it;
-  // it ends with a barrier (the ring is free).
-  template <typename Issue, typename Body, typename... Acc>
-  __device__ void run_pipelined(const uint32_t (&qa)[DK / 16][4], int64_t n_tiles, Issue&& issue,
-                                Body&& body, Acc&... acc) const {
-    issue(0);
-    issue(1);
-    float s[8][4], sn[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) sn[nt][0] = sn[nt][1] = sn[nt][2] = sn[nt][3] = 0.f;
-    if (n_tiles > 0) {
-      cp_async_wait<1>();
-      ready();
-      logits(qa, 0, s);
-    }
-    for (int64_t it = 0; it < n_tiles; ++it) {
-      cp_async_wait<0>();
-      ready();  // tile it + 1 is visible; every warp is done with tile it - 1's stage
-      issue(it + 2);
-      if (it + 1 < n_tiles) logits<true>(qa, static_cast<int>((it + 1) % 3), sn);
-      body(s, it);
-#if NSA_HAS_WGMMA
-      if constexpr (kWg) {
-        wg_wait<0>();
-        wg_fence_regs(sn);
-        (wg_fence_regs(acc), ...);
-      }
-#endif
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = sn[nt][e];
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-  }
 };
-
-// The online softmax of one 64-key tile starting at key j0 for this thread's two rows: masks
-// keys outside a row's range [lo, hi) (only on tiles some row of the warp does not fully see),
-// updates the running max m and sum l (log2 units), rescales o and leaves the exponentials in s.
-template <int DV>
-__device__ __forceinline__ void pf_softmax_tile(float (&s)[8][4], int64_t j0,
-                                                const int64_t (&lo)[2], const int64_t (&hi)[2],
-                                                float scale2, float (&m)[2], float (&l)[2],
-                                                float (&o)[DV / 8][4]) {
-  constexpr int kTile = static_cast<int>(kTileKeys);
-  const int tig = threadIdx.x % 4;
-  // Most tiles hold only keys every row of the warp sees: no per-key range test there. Else
-  // the rows' ranges relative to the tile, as small ints.
-  const bool full = __all_sync(
-      0xffffffffu, lo[0] <= j0 && j0 + kTile <= hi[0] && lo[1] <= j0 && j0 + kTile <= hi[1]);
-  if (!full) {
-    int lo_r[2], hi_r[2];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      lo_r[k] = static_cast<int>(min(max(lo[k] - j0, int64_t{0}), int64_t{kTile}));
-      hi_r[k] = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + tig * 2 + (e & 1), k = e >> 1;
-        if (col < lo_r[k] || col >= hi_r[k]) s[nt][e] = -INFINITY;
-      }
-    }
-  }
-  float mx[2] = {-FLT_MAX, -FLT_MAX};  // of the raw logits (the scale is positive)
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-  }
-  float c[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
-    mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
-    const float n = fmaxf(m[k], mx[k] * scale2);
-    c[k] = exp2f(m[k] - n);
-    m[k] = n;
-  }
-  float sum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      // Scaled logit minus the running max in one FFMA; masked keys: exp2(-inf) = 0.
-      s[nt][e] = exp2f(fmaf(s[nt][e], scale2, -m[e >> 1]));
-      sum[e >> 1] += s[nt][e];
-    }
-  }
-  l[0] = l[0] * c[0] + sum[0];
-  l[1] = l[1] * c[1] + sum[1];
-#pragma unroll
-  for (int nd = 0; nd < DV / 8; ++nd) {
-    o[nd][0] *= c[0];
-    o[nd][1] *= c[0];
-    o[nd][2] *= c[1];
-    o[nd][3] *= c[1];
-  }
-}
 
 // Pass 1 over keys [k0, k1) of K/V (rows of DK / DV elements from position 0): each row attends
 // to its own range [lo, hi) (rows that do not exist: [0, kNoRowEnd), their Q is zero and their
 // results are never stored). Leaves the row's output (normalised) in o and its log-sum-exp in
-// log2 units in lse2 (-inf for a row without keys). Ends with a barrier (the ring is free).
-// With a 3-stage ring (wgmma path, kPipe) the loop issues tile it + 1's S = Q K^T before tile
-// it's softmax, so the tensor cores work while the softmax runs (FlashAttention-3's
-// intra-warpgroup overlap); tile it + 2 loads meanwhile into the stage tile it - 1 left.
-template <typename T, int DK, int DV, int NT, bool kPipe>
+// log2 units in lse2 (-inf for a row without keys).
+template <typename T, int DK, int DV, int NT>
 __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&qa)[DK / 16][4],
                                           const T* K, const T* V, int64_t k0, int64_t k1,
                                           const int64_t (&lo)[2], const int64_t (&hi)[2], T* pipe,
                                           float (&o)[DV / 8][4], float (&lse2)[2]) {
-  using Ring = PfRing<T, DK, DV, NT, kPipe>;
-  constexpr int kTile = PfShape<DK, DV>::kTile, kStages = Ring::kStages;
-  const Ring ring(pipe);
+  using Sh = PfShape<DK, DV>;
+  constexpr int kTile = Sh::kTile;
+  const int lane = threadIdx.x % 32, tig = lane % 4;
+  const PfRing<T, DK, DV, NT> ring(pipe);
   const int64_t n_tiles = k1 > k0 ? (k1 - k0 + kTile - 1) / kTile : 0;
   auto issue = [&](int64_t it) {
     if (it < n_tiles) {
       const int64_t j0 = k0 + it * kTile;
       const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
-      ring.load_k(static_cast<int>(it % kStages), K + j0 * DK, nk);
-      ring.load_v(static_cast<int>(it % kStages), V + j0 * DV, nk);
+      ring.load_k(static_cast<int>(it & 1), K + j0 * DK, nk);
+      ring.load_v(static_cast<int>(it & 1), V + j0 * DV, nk);
     }
     cp_async_commit();
   };
@@ -422,29 +284,73 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
   for (int nd = 0; nd < DV / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.f, 0.f};
   const float scale2 = p.scale * 1.4426950408889634f;  // logits in log2 units
-  if constexpr (kStages == 3) {
-    ring.run_pipelined(
-        qa, n_tiles, issue,
-        [&](float(&s)[8][4], int64_t it) {
-          pf_softmax_tile<DV>(s, k0 + it * kTile, lo, hi, scale2, m, l, o);
-          ring.template accumulate<true>(s, static_cast<int>(it % 3), o);
-        },
-        o);
-  } else {
-    issue(0);
-    for (int64_t it = 0; it < n_tiles; ++it) {
-      issue(it + 1);
-      cp_async_wait<1>();
-      ring.ready();
-      const int stage = static_cast<int>(it & 1);
-      float s[8][4];
-      ring.logits(qa, stage, s);
-      pf_softmax_tile<DV>(s, k0 + it * kTile, lo, hi, scale2, m, l, o);
-      ring.accumulate(s, stage, o);
-      __syncthreads();  // the stage is refilled by the next iteration's issue
+  issue(0);
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    issue(it + 1);
+    cp_async_wait<1>();
+    ring.ready();
+    const int stage = static_cast<int>(it & 1);
+    const int64_t j0 = k0 + it * kTile;
+    float s[8][4];
+    ring.logits(qa, stage, s);
+    // Most tiles hold only keys every row of the warp sees: no per-key range test there. Else
+    // the rows' ranges relative to the tile, as small ints.
+    const bool full = __all_sync(
+        0xffffffffu, lo[0] <= j0 && j0 + kTile <= hi[0] && lo[1] <= j0 && j0 + kTile <= hi[1]);
+    if (!full) {
+      int lo_r[2], hi_r[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        lo_r[k] = static_cast<int>(min(max(lo[k] - j0, int64_t{0}), int64_t{kTile}));
+        hi_r[k] = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + tig * 2 + (e & 1), k = e >> 1;
+          if (col < lo_r[k] || col >= hi_r[k]) s[nt][e] = -INFINITY;
+        }
+      }
     }
-    cp_async_wait<0>();
+    float mx[2] = {-FLT_MAX, -FLT_MAX};  // of the raw logits (the scale is positive)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+    }
+    float c[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
+      const float n = fmaxf(m[k], mx[k] * scale2);
+      c[k] = exp2f(m[k] - n);
+      m[k] = n;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        // Scaled logit minus the running max in one FFMA; masked keys: exp2(-inf) = 0.
+        s[nt][e] = exp2f(fmaf(s[nt][e], scale2, -m[e >> 1]));
+        sum[e >> 1] += s[nt][e];
+      }
+    }
+    l[0] = l[0] * c[0] + sum[0];
+    l[1] = l[1] * c[1] + sum[1];
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      o[nd][0] *= c[0];
+      o[nd][1] *= c[0];
+      o[nd][2] *= c[1];
+      o[nd][3] *= c[1];
+    }
+    ring.accumulate(s, stage, o);
+    __syncthreads();  // the stage is refilled by the next iteration's issue
   }
+  cp_async_wait<0>();
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     l[k] += __shfl_xor_sync(0xffffffffu, l[k], 1);
@@ -546,7 +452,7 @@ __device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows&
   return __syncthreads_or(need) != 0;
 }
 
-template <typename T, int DK, int DV, int W, bool kPipe>
+template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
@@ -569,12 +475,12 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
   const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
   float o[DV / 8][4], lse2[2];
-  pf_attend<T, DK, DV, Wp::kThreads, kPipe>(p, qa, K, V, k0, k1, lo, hi,
-                                            reinterpret_cast<T*>(smem_raw), o, lse2);
+  pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, k0, k1, lo, hi, reinterpret_cast<T*>(smem_raw), o,
+                                     lse2);
   pf_store<DV>(p, rw, g, p.n_cmp_splits, o, lse2);
 }
 
-template <typename T, int DK, int DV, int W, bool kPipe>
+template <typename T, int DK, int DV, int W>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     nsa_prefill_cmp_kernel(const __grid_constant__ StepParams p, int64_t nb_max) {
   using Sh = PfShape<DK, DV>;
@@ -597,8 +503,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   }
   const int64_t k1 = num_cmp(rw.t0 + rw.n_valid, p.l, p.d);  // keys of the tile's last query
   T* pipe = reinterpret_cast<T*>(smem_raw);
-  float* scores = reinterpret_cast<float*>(
-      smem_raw + PfRing<T, DK, DV, Wp::kThreads, kPipe>::kBytes);  // [qt][nb_max]
+  float* scores = reinterpret_cast<float*>(smem_raw + Sh::kPipeBytes);  // [qt][nb_max]
   float* stages = scores + rw.qt * nb_max;  // [2][qt][64]: tile it uses stages[it & 1]
   const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
   const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
@@ -607,7 +512,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   float lse2[2] = {-INFINITY, -INFINITY};
   if (need_cmp && k1 > 0) {
     float o[DV / 8][4];
-    pf_attend<T, DK, DV, Wp::kThreads, kPipe>(p, qa, K, V, 0, k1, lo, hi, pipe, o, lse2);
+    pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, 0, k1, lo, hi, pipe, o, lse2);
     pf_store<DV>(p, rw, g, 0, o, lse2);
   }
   for (int64_t i = threadIdx.x; i < rw.qt * nb_max && need_sel; i += blockDim.x) scores[i] = 0.f;
@@ -616,25 +521,24 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     // selection blocks by overlap. Keys only.
     const float scale2 = p.scale * 1.4426950408889634f;
     const int64_t n_tiles = (k1 + kTile - 1) / kTile;
-    using Ring = PfRing<T, DK, DV, Wp::kThreads, kPipe>;
-    constexpr int kStages = Ring::kStages;
-    const Ring ring(pipe);
+    const PfRing<T, DK, DV, Wp::kThreads> ring(pipe);
     auto issue = [&](int64_t it) {
       if (it < n_tiles) {
         const int64_t j0 = it * kTile;
         const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
-        ring.load_k(static_cast<int>(it % kStages), K + j0 * DK, nk);
+        ring.load_k(static_cast<int>(it & 1), K + j0 * DK, nk);
       }
       cp_async_commit();
     };
-    // The scoring of tile it from its logits s. It has one barrier (the head sums are visible
-    // before the spread). No barrier after the spread: the next tile writes the other stage, the
-    // ring refills only after the next tile's first barrier, and the barriers of the next tile
-    // come before the next spread (which may update the same boundary block's score) and before
-    // the tile after it rewrites this stage.
-    auto score_tile = [&](float(&s)[8][4], int64_t it) {
+    issue(0);
+    for (int64_t it = 0; it < n_tiles; ++it) {
+      issue(it + 1);
+      cp_async_wait<1>();
+      ring.ready();
       const int64_t j0 = it * kTile;
       float* stage = stages + (it & 1) * rw.qt * kTile;
+      float s[8][4];
+      ring.logits(qa, static_cast<int>(it & 1), s);
       // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
       float pc[2][16];
 #pragma unroll
@@ -689,19 +593,10 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
         }
         scores[qi * nb + jb] += sc;
       }
-    };
-    if constexpr (kStages == 3) {
-      ring.run_pipelined(qa, n_tiles, issue, score_tile);
-    } else {
-      issue(0);
-      for (int64_t it = 0; it < n_tiles; ++it) {
-        issue(it + 1);
-        cp_async_wait<1>();
-        ring.ready();
-        float s[8][4];
-        ring.logits(qa, static_cast<int>(it & 1), s);
-        score_tile(s, it);
-      }
+      // No barrier here: the next tile writes the other stage, its ring refill targets the
+      // stage every warp finished reading before the barrier above, and its own two barriers
+      // come before the next spread (which may update the same boundary block's score) and
+      // before the tile after it rewrites this stage.
     }
     cp_async_wait<0>();
   }
