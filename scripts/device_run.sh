@@ -7,7 +7,8 @@
 # (fused and step kernels, per-kernel and per-phase times). decode / prefill: then that side's benchmarks (with
 # the dense PyTorch baseline in the same call). full: both sides. profile: full, then the ncu
 # per-kernel profile of a decode step. NSA_SKIP_SANITIZER=1 skips compute-sanitizer (for
-# measurement-only calls; a change is not landed without a call that ran it).
+# measurement-only calls; a change is not landed without a call that ran it). NSA_COMMIT=<hash>
+# names the commit in `nsa info` and the results where the copied tree's .git is stale.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"

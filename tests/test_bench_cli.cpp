@@ -11,6 +11,7 @@
 
 #include "core/blocks.h"
 #include "nsa/config.h"
+#include "nsa/device.h"
 
 namespace {
 
@@ -199,3 +200,15 @@ TEST(BenchCli, BadFlagsAreUsageErrors) {
 }
 
 }  // namespace
+
+// Benchmark results carry build_info(): it must name the commit that was built, as git names
+// it (a short hash, "-dirty" with uncommitted changes) or as NSA_COMMIT overrides it at build
+// time, never an empty value.
+TEST(BenchCli, BuildInfoNamesTheCommit) {
+  const std::string info = nsa::build_info();
+  const auto at = info.find("commit: ");
+  ASSERT_NE(at, std::string::npos) << info;
+  const std::string commit = info.substr(at + 8, info.find('\n', at) - at - 8);
+  EXPECT_FALSE(commit.empty()) << info;
+  EXPECT_EQ(commit.find(' '), std::string::npos) << info;
+}

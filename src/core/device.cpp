@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include "nsa_commit.h"  // generated at build time (cmake/commit_header.cmake)
+
 namespace nsa {
 
 std::string to_string(Device device) { return device == Device::kCpu ? "cpu" : "cuda"; }
@@ -45,9 +47,7 @@ std::string build_info() {
 #ifdef NSA_VERSION
   s += fmt::format("version: {}\n", NSA_VERSION);
 #endif
-#ifdef NSA_GIT_COMMIT
   s += fmt::format("commit: {}\n", NSA_GIT_COMMIT);
-#endif
 #ifdef NSA_BUILD_TYPE
   s += fmt::format("build type: {}\n", NSA_BUILD_TYPE);
 #endif
