@@ -130,10 +130,13 @@ namespace {
 
 using cuda::StepParams;
 
-// Dynamic shared memory the selection kernel may use (its static arrays take ~2 KiB more).
+// Dynamic shared memory the selection kernel may use on a Hopper GPU (its static arrays take
+// ~2 KiB more); smaller devices: their opt-in limit less kStaticSmemMargin (dyn_smem_limit).
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
 // The fused decode kernel: dynamic shared memory it may use (its static arrays take ~2 KiB).
 constexpr size_t kMaxFusedSmem = size_t{220} << 10;
+// Room left for a kernel's static shared memory under the device's opt-in limit.
+constexpr size_t kStaticSmemMargin = size_t{4} << 10;
 
 // Owning device buffer.
 class DeviceBuffer {
@@ -301,8 +304,14 @@ class CudaBackend final : public Backend {
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
-  int device_ = 0;    // the CUDA device current when the backend was made
-  int sms_ = 1;       // streaming multiprocessors of the device
+  int device_ = 0;         // the CUDA device current when the backend was made
+  int sms_ = 1;            // streaming multiprocessors of the device
+  size_t smem_optin_ = 0;  // shared memory a block may opt in to (227 KiB on Hopper, 163 on A100)
+  // Dynamic shared memory a kernel with `static_bytes` of static shared memory may ask for:
+  // `cap`, or less where the device has less.
+  size_t dyn_smem_limit(size_t cap, size_t static_bytes = kStaticSmemMargin) const {
+    return std::min(cap, smem_optin_ > static_bytes ? smem_optin_ - static_bytes : 0);
+  }
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
   int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
@@ -339,6 +348,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaGetDevice(&device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+  int optin = 0;
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
+  smem_optin_ = static_cast<size_t>(optin);
   // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
@@ -444,12 +456,13 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
             tokens);
   auto sel_smem = [&](int64_t cap) { return cuda::select_smem_bytes(nb_cap(cap)); };
   // The selection kernel keeps the block scores of a sequence in shared memory.
-  NSA_CHECK(sel_smem(tokens) <= kMaxSelectSmem,
+  const size_t max_sel = dyn_smem_limit(kMaxSelectSmem);
+  NSA_CHECK(sel_smem(tokens) <= max_sel,
             "context of {} tokens per sequence exceeds the CUDA backend's limit (the selection "
             "kernel needs {} KiB of shared memory for it, at most {} KiB are available)",
-            tokens, sel_smem(tokens) >> 10, kMaxSelectSmem >> 10);
+            tokens, sel_smem(tokens) >> 10, max_sel >> 10);
   int64_t cap = std::max({tokens, 2 * cache.cap, int64_t{1024}});
-  if (sel_smem(cap) > kMaxSelectSmem) cap = tokens;  // no headroom near the limit
+  if (sel_smem(cap) > max_sel) cap = tokens;  // no headroom near the limit
   const int64_t cap_cmp = std::max<int64_t>(1, core::num_cmp(cap, c_.l, c_.d));
   const int64_t BG = cache.batch * c_.groups;
   auto grow = [&](DeviceBuffer& buf, int64_t old_cap, int64_t new_cap, int64_t width) {
@@ -669,9 +682,9 @@ int64_t CudaBackend::fused_splits() const {
 }
 
 bool CudaBackend::fused_decode(const CudaCache& cache) const {
-  return fused_ &&
-         cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l, c_.d,
-                                c_.l_sel, nb_cap(cache.cap), fused_splits()) <= kMaxFusedSmem;
+  return fused_ && cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l,
+                                          c_.d, c_.l_sel, nb_cap(cache.cap),
+                                          fused_splits()) <= dyn_smem_limit(kMaxFusedSmem);
 }
 
 void CudaBackend::probe(const char* name) {
@@ -829,7 +842,8 @@ PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
   return k;
 }
 
-// The cmp kernel's static shared memory is kept out of the dynamic budget.
+// The cmp kernel's dynamic shared memory on a Hopper GPU: 227 KiB less its static arrays (less
+// where the device allows less, dyn_smem_limit).
 constexpr size_t kMaxDynamicSmem = 227 * 1024 - cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem;
 
 bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
@@ -839,7 +853,7 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv, tc_stages_);
   if (k.cmp == nullptr) return false;
   return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
-         kMaxDynamicSmem;
+         dyn_smem_limit(kMaxDynamicSmem, cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem);
 }
 
 template <typename T>
