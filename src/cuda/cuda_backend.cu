@@ -46,19 +46,18 @@ std::vector<std::string> cuda_devices() {
   return out;
 }
 
-double cuda_copy_bandwidth_gbs() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  NSA_CUDA_CHECK(cudaMalloc(&a, bytes));
-  NSA_CUDA_CHECK(cudaMalloc(&b, bytes));
-  NSA_CUDA_CHECK(cudaMemset(a, 1, bytes));
+namespace {
+// Median device time in ms of `enqueue` (work on the default stream) over 10 runs after 2
+// warm-ups, timed with events.
+template <typename F>
+double median_device_ms(F&& enqueue) {
   cudaEvent_t e0, e1;
   NSA_CUDA_CHECK(cudaEventCreate(&e0));
   NSA_CUDA_CHECK(cudaEventCreate(&e1));
   std::vector<float> ms;
   for (int i = 0; i < 12; ++i) {
     NSA_CUDA_CHECK(cudaEventRecord(e0));
-    NSA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    enqueue();
     NSA_CUDA_CHECK(cudaEventRecord(e1));
     NSA_CUDA_CHECK(cudaEventSynchronize(e1));
     float t = 0.f;
@@ -68,9 +67,21 @@ double cuda_copy_bandwidth_gbs() {
   std::sort(ms.begin(), ms.end());
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
+  return 0.5 * (ms[4] + ms[5]);
+}
+}  // namespace
+
+double cuda_copy_bandwidth_gbs() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  NSA_CUDA_CHECK(cudaMalloc(&a, bytes));
+  NSA_CUDA_CHECK(cudaMalloc(&b, bytes));
+  NSA_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  const double ms = median_device_ms(
+      [&] { NSA_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   cudaFree(a);
   cudaFree(b);
-  return 2.0 * static_cast<double>(bytes) / (0.5 * (ms[4] + ms[5]) * 1e-3) / 1e9;
+  return 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
 }
 
 namespace cuda {
@@ -103,27 +114,14 @@ double cuda_read_bandwidth_gbs(size_t bytes, int passes) {
   int sms = 0;
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const int64_t n = static_cast<int64_t>(bytes / 16);
-  cudaEvent_t e0, e1;
-  NSA_CUDA_CHECK(cudaEventCreate(&e0));
-  NSA_CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    NSA_CUDA_CHECK(cudaEventRecord(e0));
+  const double ms = median_device_ms([&] {
     cuda::nsa_read_bandwidth_kernel<<<sms * 4, 512>>>(static_cast<const float4*>(a), n, passes,
                                                       sink);
     NSA_CUDA_CHECK(cudaGetLastError());
-    NSA_CUDA_CHECK(cudaEventRecord(e1));
-    NSA_CUDA_CHECK(cudaEventSynchronize(e1));
-    float t = 0.f;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= 2) ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  });
   cudaFree(a);
   cudaFree(sink);
-  return static_cast<double>(n) * 16 * passes / (0.5 * (ms[4] + ms[5]) * 1e-3) / 1e9;
+  return static_cast<double>(n) * 16 * passes / (ms * 1e-3) / 1e9;
 }
 
 namespace {
