@@ -45,31 +45,19 @@ template <int W, int NT, typename T>
 __device__ __forceinline__ void copy_rows_sw128(T* dst, const T* src, int nk) {
   static_assert(W % kSwCols == 0, "swizzled tiles hold rows of a multiple of 64 elements");
   constexpr int kRowStep = NT / 8;
-  if constexpr (NT % 64 == 0 && 64 % kRowStep == 0) {
-    const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
-    const int sw = (c ^ (r0 & 7)) * 8;
+  static_assert(NT % 64 == 0 && 64 % kRowStep == 0, "copy layout");
+  const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
+  const int sw = (c ^ (r0 & 7)) * 8;
 #pragma unroll
-    for (int u = 0; u < 64 / kRowStep; ++u) {
-      const int row = r0 + u * kRowStep;
-      const bool ok = row < nk;
+  for (int u = 0; u < 64 / kRowStep; ++u) {
+    const int row = r0 + u * kRowStep;
+    const bool ok = row < nk;
 #pragma unroll
-      for (int cb = 0; cb < W / kSwCols; ++cb) {
-        const uint32_t to = static_cast<uint32_t>(
-            __cvta_generic_to_shared(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to),
-                     "l"((ok ? src + row * W : src) + cb * kSwCols + c * 8), "r"(ok ? 16 : 0));
-      }
-    }
-  } else {  // thread counts whose rows do not repeat by multiples of 8 (384 threads): per chunk
-    constexpr int kc = W / 8;  // 16-byte chunks per row
-#pragma unroll 4
-    for (int i = static_cast<int>(threadIdx.x); i < 64 * kc; i += NT) {
-      const int row = i / kc, c = i % kc;
-      const bool ok = row < nk;
-      const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(
-          dst + (c / 8) * (kSwBlockBytes / 2) + row * kSwCols + ((c % 8) ^ (row & 7)) * 8));
+    for (int cb = 0; cb < W / kSwCols; ++cb) {
+      const uint32_t to = static_cast<uint32_t>(
+          __cvta_generic_to_shared(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to),
-                   "l"((ok ? src + row * W : src) + c * 8), "r"(ok ? 16 : 0));
+                   "l"((ok ? src + row * W : src) + cb * kSwCols + c * 8), "r"(ok ? 16 : 0));
     }
   }
 }
@@ -180,27 +168,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
                      "n"(kTransB));
     }
   }
-}
-
-// D[64 x 64] (+)= A B, A and B K-major from shared memory by descriptor (A: the 64 rows of this
-// warpgroup). scale_d == 0 overwrites D.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
-                                           int scale_d) {
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-#define NSA_WG_SS64(type) \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" NSA_WG_OP("m64n64k16", type)     \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "       \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-               "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                \
-               : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6)                \
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-  if constexpr (kBf16) {
-    NSA_WG_SS64("bf16");
-  } else {
-    NSA_WG_SS64("f16");
-  }
-#undef NSA_WG_SS64
 }
 
 #undef NSA_WG_ACC2
