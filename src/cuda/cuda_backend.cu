@@ -306,7 +306,8 @@ class CudaBackend final : public Backend {
   int sms_ = 1;            // streaming multiprocessors of the device
   size_t smem_optin_ = 0;  // shared memory a block may opt in to (227 KiB on Hopper, 163 on A100)
   // Dynamic shared memory a kernel with `static_bytes` of static shared memory may ask for:
-  // `cap`, or less where the device has less.
+  // `cap`, or less where the device has less (the cmp kernel of the tiled prefill takes all the
+  // device allows: 227 KiB less its static arrays on Hopper).
   size_t dyn_smem_limit(size_t cap, size_t static_bytes = kStaticSmemMargin) const {
     return std::min(cap, smem_optin_ > static_bytes ? smem_optin_ - static_bytes : 0);
   }
@@ -840,10 +841,6 @@ PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
   return k;
 }
 
-// The cmp kernel's dynamic shared memory on a Hopper GPU: 227 KiB less its static arrays (less
-// where the device allows less, dyn_smem_limit).
-constexpr size_t kMaxDynamicSmem = 227 * 1024 - cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem;
-
 bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
   const int64_t h = c_.heads_per_group();
@@ -851,7 +848,7 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv, tc_stages_);
   if (k.cmp == nullptr) return false;
   return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
-         dyn_smem_limit(kMaxDynamicSmem, cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem);
+         dyn_smem_limit(SIZE_MAX, cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem);
 }
 
 template <typename T>

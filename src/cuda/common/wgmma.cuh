@@ -9,7 +9,7 @@
 // W / 64 column blocks of [64 rows][64 elements] (8 KB each, 1024-byte aligned); inside a block,
 // the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of that row. K tiles (rows = keys) are
 // read as a K-major B operand of S = Q K^T, V tiles (rows = keys) as an MN-major (transposed) B
-// operand of O += P V.
+// operand of O += P V. copy_rows_sw128 (prefill/prefill_kernels.cuh) writes such tiles.
 //
 // Only sm_90a has these instructions: everything below is compiled where NSA_HAS_WGMMA is 1,
 // and the callers keep their mma.sync path for the other targets.
@@ -32,35 +32,6 @@ namespace nsa::cuda {
 // Elements per row of a swizzled column block, and its bytes.
 constexpr int kSwCols = 64;
 constexpr int kSwBlockBytes = 64 * 128;
-
-// Element offset of (row, 16-byte chunk c of column block cb) in a swizzled 64-row tile.
-__device__ __forceinline__ int sw128_offset(int row, int cb, int c) {
-  return cb * (kSwBlockBytes / 2) + row * kSwCols + ((c ^ (row & 7)) * 8);
-}
-
-// cp.async copies of nk consecutive rows of W elements (source row stride W) into a swizzled
-// 64-row tile; rows nk .. 63 are zero-filled. NT threads; a thread's rows differ by multiples of
-// 8, so its swizzle is one constant.
-template <int W, int NT, typename T>
-__device__ __forceinline__ void copy_rows_sw128(T* dst, const T* src, int nk) {
-  static_assert(W % kSwCols == 0, "swizzled tiles hold rows of a multiple of 64 elements");
-  constexpr int kRowStep = NT / 8;
-  static_assert(NT % 64 == 0 && 64 % kRowStep == 0, "copy layout");
-  const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
-  const int sw = (c ^ (r0 & 7)) * 8;
-#pragma unroll
-  for (int u = 0; u < 64 / kRowStep; ++u) {
-    const int row = r0 + u * kRowStep;
-    const bool ok = row < nk;
-#pragma unroll
-    for (int cb = 0; cb < W / kSwCols; ++cb) {
-      const uint32_t to = static_cast<uint32_t>(
-          __cvta_generic_to_shared(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to),
-                   "l"((ok ? src + row * W : src) + cb * kSwCols + c * 8), "r"(ok ? 16 : 0));
-    }
-  }
-}
 
 // Matrix descriptor of a swizzled operand at shared address addr: lbo / sbo are the byte
 // strides between 64-element column blocks (MN-major only) and between 8-row groups.
@@ -130,6 +101,21 @@ __device__ __forceinline__ void wg_fence_regs(float (&d)[R][C]) {
 #define NSA_WG_SCALE128 "setp.ne.b32 p, %69, 0;\n"
 #define NSA_WG_OP(shape, type) "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " "
 
+// One register-A wgmma of shape "m64nNk16" and element type "bf16" / "f16" (string literals).
+#define NSA_WG_RS64(type)                                                                  \
+  asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE64 NSA_WG_OP("m64n64k16", type) NSA_WG_D64 \
+               ", 1, 1, %38;\n}\n"                                                         \
+               : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6)            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),      \
+                 "n"(kTransB))
+#define NSA_WG_RS128(type)                                                                       \
+  asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE128 NSA_WG_OP("m64n128k16", type) NSA_WG_D128    \
+               ", 1, 1, %70;\n}\n"                                                               \
+               : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6), NSA_WG_ACC2(8), \
+                 NSA_WG_ACC2(10), NSA_WG_ACC2(12), NSA_WG_ACC2(14)                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),            \
+                 "n"(kTransB))
+
 // D[64 x N] (+)= A B, A from registers, B by descriptor; kTransB: B is MN-major. scale_d == 0
 // overwrites D. N = 64 or 128.
 template <typename T, int N, int kTransB>
@@ -137,39 +123,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
                                          uint64_t desc, int scale_d) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (N == 64) {
-    if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE64 NSA_WG_OP("m64n64k16", "bf16") NSA_WG_D64
-                   ", 1, 1, %38;\n}\n"
-                   : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),
-                     "n"(kTransB));
-    } else {
-      asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE64 NSA_WG_OP("m64n64k16", "f16") NSA_WG_D64
-                   ", 1, 1, %38;\n}\n"
-                   : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),
-                     "n"(kTransB));
-    }
+  if constexpr (N == 64 && kBf16) {
+    NSA_WG_RS64("bf16");
+  } else if constexpr (N == 64) {
+    NSA_WG_RS64("f16");
+  } else if constexpr (kBf16) {
+    NSA_WG_RS128("bf16");
   } else {
-    if constexpr (kBf16) {
-      asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE128 NSA_WG_OP("m64n128k16", "bf16") NSA_WG_D128
-                   ", 1, 1, %70;\n}\n"
-                   : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6), NSA_WG_ACC2(8),
-                     NSA_WG_ACC2(10), NSA_WG_ACC2(12), NSA_WG_ACC2(14)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),
-                     "n"(kTransB));
-    } else {
-      asm volatile("{\n.reg .pred p;\n" NSA_WG_SCALE128 NSA_WG_OP("m64n128k16", "f16") NSA_WG_D128
-                   ", 1, 1, %70;\n}\n"
-                   : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6), NSA_WG_ACC2(8),
-                     NSA_WG_ACC2(10), NSA_WG_ACC2(12), NSA_WG_ACC2(14)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d),
-                     "n"(kTransB));
-    }
+    NSA_WG_RS128("f16");
   }
 }
 
+#undef NSA_WG_RS64
+#undef NSA_WG_RS128
 #undef NSA_WG_ACC2
 #undef NSA_WG_D64
 #undef NSA_WG_SCALE64

@@ -71,6 +71,27 @@ __device__ __forceinline__ void copy_rows_async(T* dst, const T* src, int nk) {
   }
 }
 
+// The same into a 128-byte-swizzled 64-row tile (the wgmma layout, common/wgmma.cuh): rows nk ..
+// 63 are zero-filled. A thread's rows differ by multiples of 8, so its swizzle is one constant.
+template <int W, int NT, typename T>
+__device__ __forceinline__ void copy_rows_sw128(T* dst, const T* src, int nk) {
+  static_assert(W % kSwCols == 0, "swizzled tiles hold rows of a multiple of 64 elements");
+  constexpr int kRowStep = NT / 8;
+  static_assert(NT % 64 == 0 && 64 % kRowStep == 0, "copy layout");
+  const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
+  const int sw = (c ^ (r0 & 7)) * 8;
+#pragma unroll
+  for (int u = 0; u < 64 / kRowStep; ++u) {
+    const int row = r0 + u * kRowStep;
+    const bool ok = row < nk;
+#pragma unroll
+    for (int cb = 0; cb < W / kSwCols; ++cb) {
+      cp_async16(smem_addr(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw),
+                 (ok ? src + row * W : src) + cb * kSwCols + c * 8, ok);
+    }
+  }
+}
+
 // Key range end of a row that does not exist: never narrows a tile's masking.
 constexpr int64_t kNoRowEnd = int64_t{1} << 62;
 
@@ -268,7 +289,7 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&
                                           float (&o)[DV / 8][4], float (&lse2)[2]) {
   using Sh = PfShape<DK, DV>;
   constexpr int kTile = Sh::kTile;
-  const int lane = threadIdx.x % 32, tig = lane % 4;
+  const int tig = threadIdx.x % 4;
   const PfRing<T, DK, DV, NT> ring(pipe);
   const int64_t n_tiles = k1 > k0 ? (k1 - k0 + kTile - 1) / kTile : 0;
   auto issue = [&](int64_t it) {
