@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common/wgmma_desc.h"
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NSA_HAS_WGMMA 1
 #else
@@ -28,28 +30,6 @@
 #endif
 
 namespace nsa::cuda {
-
-// Elements per row of a swizzled column block, and its bytes.
-constexpr int kSwCols = 64;
-constexpr int kSwBlockBytes = 64 * 128;
-
-// Matrix descriptor of a swizzled operand at shared address addr: lbo / sbo are the byte
-// strides between 64-element column blocks (MN-major only) and between 8-row groups.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
-}
-
-// K-major B (rows = N, 16 elements of K from column ks * 16): column block ks / 4, 32 bytes per
-// step of 16 inside it.
-__device__ __forceinline__ uint64_t desc_k_major(uint32_t tile, int ks) {
-  return sw128_desc(tile + (ks / 4) * kSwBlockBytes + (ks % 4) * 32, 16, 1024);
-}
-
-// MN-major B (rows = K: keys 16 kk .. 16 kk + 15, columns = N): 16 rows of 128 bytes per step.
-__device__ __forceinline__ uint64_t desc_mn_major(uint32_t tile, int kk) {
-  return sw128_desc(tile + kk * 2048, kSwBlockBytes, 1024);
-}
 
 #if NSA_HAS_WGMMA
 

@@ -131,11 +131,12 @@ __device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& 
                                              uint32_t (&qa)[DK / 16][4], T* qs) {
   constexpr int kLd = DK + 8, kc = DK / 8, kRows = NT / 2;  // 16 rows per warp
   const int h = static_cast<int>(p.h), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int h_shift = __ffs(h) - 1;  // h divides 16 (checked when the backend is built)
   const T* q0 = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < kRows * kc; i += NT) {
-    const int m = i / kc, c = i % kc, qi = m / h;
+    const int m = i / kc, c = i % kc, qi = m >> h_shift;
     const bool ok = qi < rw.n_valid;
-    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + m % h) * DK + c * 8 : q0;
+    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + (m & (h - 1))) * DK + c * 8 : q0;
     cp_async16(smem_addr(qs + m * kLd + c * 8), src, ok);
   }
   cp_async_commit();
@@ -224,11 +225,11 @@ struct PfRing {
   __device__ void logits(const uint32_t (&qa)[DK / 16][4], int stage, float (&s)[8][4]) const {
 #if NSA_HAS_WGMMA
     if constexpr (kWg) {
-      const uint32_t ks = smem_addr(k(stage));
+      const uint64_t d0 = desc_k_major(smem_addr(k(stage)), 0);
       wg_fence();
 #pragma unroll
       for (int kc = 0; kc < DK / 16; ++kc) {
-        wgmma_rs<T, 64, 0>(s, qa[kc], desc_k_major(ks, kc), kc > 0 ? 1 : 0);
+        wgmma_rs<T, 64, 0>(s, qa[kc], desc_moved(d0, k_major_offset(kc)), kc > 0 ? 1 : 0);
       }
       wg_commit();
       wg_wait<0>();
@@ -251,11 +252,13 @@ struct PfRing {
     }
 #if NSA_HAS_WGMMA
     if constexpr (kWg) {
-      const uint32_t vs = smem_addr(v(stage));
+      const uint64_t d0 = desc_mn_major(smem_addr(v(stage)), 0);
       wg_fence_regs(o);
       wg_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], desc_mn_major(vs, kk), 1);
+      for (int kk = 0; kk < 4; ++kk) {
+        wgmma_rs<T, DV, 1>(o, pa[kk], desc_moved(d0, mn_major_offset(kk)), 1);
+      }
       wg_commit();
       wg_wait<0>();
       wg_fence_regs(o);
