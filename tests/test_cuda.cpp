@@ -245,16 +245,21 @@ TEST(Cuda, FusedDecodeSmall) {
   for (const Case& k : cases) check_case(k);
 }
 
+// Building a GPU layer of shape k with knob=value set must fail with an error naming the knob.
+void expect_knob_rejected(const char* knob, const char* value, const Case& k) {
+  const ScopedEnv env(knob, value);
+  const Config c = case_config(k);
+  try {
+    Layer gpu(c, random_weights(c, 3), gpu_options(k.dtype));
+    FAIL() << "no error for " << knob << "=" << value;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(knob), std::string::npos) << e.what();
+  }
+}
+
 TEST(Cuda, FusedDecodeKnobIsChecked) {
   REQUIRE_GPU();
-  const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", "sometimes");
-  const Config c = case_config({4, 2, 64, 64, 1, 0, 0, DType::kF32});
-  try {
-    Layer gpu(c, random_weights(c, 3), gpu_options());
-    FAIL() << "no error for NSA_CUDA_FUSED_DECODE=sometimes";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("NSA_CUDA_FUSED_DECODE"), std::string::npos) << e.what();
-  }
+  expect_knob_rejected("NSA_CUDA_FUSED_DECODE", "sometimes", {4, 2, 64, 64, 1, 0, 0, DType::kF32});
 }
 
 TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
@@ -339,6 +344,29 @@ TEST(Cuda, TiledPrefillMatchesCpu) {
   for (const Case& k : cases) check_case(k);
 }
 
+// Blocks of 12 warps (NSA_CUDA_PREFILL_WARPS=12: three warpgroups, Q as a shared-memory wgmma
+// operand), where the wgmma path runs (Hopper, dv 128); elsewhere the 8-warp kernels run and
+// these cases check those again. h = 16 and 8 (12 and 24 queries per tile), T across tile and
+// launch boundaries, B > 1, a second prefill onto a cache, then decode steps.
+TEST(Cuda, TiledPrefillTwelveWarpsMatchesCpu) {
+  REQUIRE_GPU();
+  const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", "12");
+  const Case cases[] = {
+      {16, 1, 192, 128, 1, 4096, 2, DType::kBF16},
+      {16, 1, 192, 128, 3, 17, 2, DType::kF16},
+      {32, 2, 128, 128, 2, 1013, 2, DType::kF16},
+      {16, 2, 128, 128, 1, 2100, 2, DType::kBF16},      // h = 8
+      {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},  // l_sel 32
+      {16, 1, 192, 128, 2, 700, 2, DType::kBF16, 64, 333},
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+TEST(Cuda, PrefillWarpsKnobIsChecked) {
+  REQUIRE_GPU();
+  expect_knob_rejected("NSA_CUDA_PREFILL_WARPS", "16", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+}
+
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
 // launches per sequence, B > 1; and the row-step prefill (NSA_CUDA_PREFILL=rows) it replaced.
 // Small enough for compute-sanitizer (scripts/device_run.sh).
@@ -353,6 +381,11 @@ TEST(Cuda, TiledPrefillSmall) {
     for (const Case& k : cases) check_case(k);
   }
   check_case({2, 2, 32, 32, 2, 150, 2, DType::kF16});  // h = 1: 128 queries per tile
+  {
+    const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", "12");  // 12-warp blocks (wgmma path)
+    const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
+    check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
   const ScopedEnv rows_path("NSA_CUDA_PREFILL", "rows");
   check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});
 }

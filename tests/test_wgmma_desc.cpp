@@ -32,8 +32,7 @@ TEST(WgmmaDesc, MovedDescriptorsMatchRebuiltOnes) {
         ++checked;
       }
       for (int kk = 0; kk < 4; ++kk) {
-        ASSERT_EQ(desc_moved(desc_mn_major(tile, 0), mn_major_offset(kk)),
-                  desc_mn_major(tile, kk))
+        ASSERT_EQ(desc_moved(desc_mn_major(tile, 0), mn_major_offset(kk)), desc_mn_major(tile, kk))
             << "tile " << tile << " step " << kk;
       }
     }

@@ -236,6 +236,8 @@ class PinnedBuffer {
   size_t bytes_ = 0;
 };
 
+struct PrefillKernels;  // the tiled prefill's kernels for one head-dim pair (below)
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o);
@@ -259,6 +261,8 @@ class CudaBackend final : public Backend {
                         bool fused);
   // Whether a prefill of T tokens per sequence onto `length` takes the tiled prefill kernels.
   bool tiled_prefill(int64_t length, int64_t T) const;
+  template <typename T>
+  PrefillKernels prefill_set(int64_t nb_max) const;
   // Block scores per query the tiled prefill kernel keeps for queries up to position L - 1.
   int64_t prefill_nb_max(int64_t L) const { return L / c_.l_sel + 1; }
   template <typename T>
@@ -316,6 +320,8 @@ class CudaBackend final : public Backend {
   int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
   bool sel_group_major_ = true;  // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
   bool prefill_rows_ = false;    // NSA_CUDA_PREFILL=rows: prefill through the step kernels
+  bool wgmma_ = false;           // the device runs the sm_90a code (compute capability 9.0)
+  int prefill_warps_ = 8;        // NSA_CUDA_PREFILL_WARPS=12: the wgmma prefill in 12-warp blocks
   int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
@@ -347,6 +353,14 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaGetDevice(&device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device_));
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+  int minor = 0;
+  NSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_));
+  wgmma_ = major == 9 && minor == 0;
+  if (const char* warps = std::getenv("NSA_CUDA_PREFILL_WARPS"); warps != nullptr) {
+    NSA_CHECK(std::string_view(warps) == "8" || std::string_view(warps) == "12",
+              "NSA_CUDA_PREFILL_WARPS: value '{}' is not valid; allowed: 8, 12", warps);
+    prefill_warps_ = std::atoi(warps);
+  }
   int optin = 0;
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   smem_optin_ = static_cast<size_t>(optin);
@@ -804,11 +818,13 @@ struct PrefillKernels {
   PfWinKernel win = nullptr;
   AttnKernel sel = nullptr;  // the decode kernel's gathered attention, one split per block
   size_t pipe_smem = 0, sel_smem = 0;
-  int threads = 0, rows = 0;  // per block of the cmp and window kernels
+  size_t cmp_static_smem = 0;  // the cmp kernel's static shared memory
+  int threads = 0, rows = 0;   // per block of the cmp and window kernels
 };
 
+// wgmma: the device runs the sm_90a code (the shared-memory layout depends on it).
 template <typename T, int DK, int DV, int W>
-bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
+bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels& k) {
   if (dk != DK || dv != DV) return false;
   k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
   k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
@@ -819,25 +835,51 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
     k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kFusedSmemBytes;
   }
-  k.pipe_smem = cuda::PfShape<DK, DV>::kPipeBytes;
+  k.pipe_smem = cuda::pf_pipe_bytes<DK, DV, W>(wgmma);
+  k.cmp_static_smem = cuda::PfWarps<W>::kCmpStaticSmem;
   k.threads = cuda::PfWarps<W>::kThreads;
   k.rows = cuda::PfWarps<W>::kRows;
   return true;
 }
 
-constexpr int kPrefillWarps = 8;
-
 // The tiled prefill kernels for these head dims (the tensor-core kernel's set), or none. Blocks
 // of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
-// (docs/perf-cuda-prefill.md). `stages`: the key ring of the selected pass (2 or 3).
+// (docs/perf-cuda-prefill.md). warps = 12 (NSA_CUDA_PREFILL_WARPS): three warpgroups of 64 rows
+// with Q in shared memory, where the wgmma path runs (wgmma and its head dims); else 8.
+// `stages`: the key ring of the selected pass (2 or 3).
 template <typename T>
-PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages) {
-  constexpr int W = kPrefillWarps;
+PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages, bool wgmma, int warps) {
   PrefillKernels k;
-  (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, k) ||
-         pick_prefill<T, 64, 64, W>(dk, dv, stages, k) ||
-         pick_prefill<T, 128, 128, W>(dk, dv, stages, k) ||
-         pick_prefill<T, 192, 128, W>(dk, dv, stages, k));
+  if (warps == 12 && wgmma &&
+      (pick_prefill<T, 128, 128, 12>(dk, dv, stages, wgmma, k) ||
+       pick_prefill<T, 192, 128, 12>(dk, dv, stages, wgmma, k))) {
+    return k;
+  }
+  constexpr int W = 8;
+  (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, wgmma, k) ||
+         pick_prefill<T, 64, 64, W>(dk, dv, stages, wgmma, k) ||
+         pick_prefill<T, 128, 128, W>(dk, dv, stages, wgmma, k) ||
+         pick_prefill<T, 192, 128, W>(dk, dv, stages, wgmma, k));
+  return k;
+}
+
+// Whether the kernels' shared memory holds the scores of nb_max selection blocks per query.
+bool prefill_fits(const PrefillKernels& k, int64_t h, int64_t nb_max, size_t limit) {
+  return k.cmp != nullptr &&
+         k.pipe_smem + cuda::prefill_score_smem(k.rows, h, nb_max) + k.cmp_static_smem <= limit;
+}
+
+// The tiled prefill kernels for a call whose queries see up to nb_max selection blocks: the
+// 12-warp blocks where asked for and their shared memory holds the scores (~88k tokens at
+// h = 16, dk 192), else the 8-warp ones (~280k).
+template <typename T>
+PrefillKernels CudaBackend::prefill_set(int64_t nb_max) const {
+  const int64_t h = c_.heads_per_group();
+  const size_t limit = dyn_smem_limit(SIZE_MAX, 0);  // the device's opt-in limit
+  PrefillKernels k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, prefill_warps_);
+  if (prefill_warps_ != 8 && !prefill_fits(k, h, nb_max, limit)) {
+    k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, 8);
+  }
   return k;
 }
 
@@ -845,15 +887,13 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
   if (prefill_rows_ || T < 2 || dtype_ == DType::kF32) return false;
   const int64_t h = c_.heads_per_group();
   if (h > 16 || 16 % h != 0) return false;
-  const PrefillKernels k = prefill_kernels<__half>(c_.dk, c_.dv, tc_stages_);
-  if (k.cmp == nullptr) return false;
-  return k.pipe_smem + cuda::prefill_score_smem(k.rows, h, prefill_nb_max(length + T)) <=
-         dyn_smem_limit(SIZE_MAX, cuda::PfWarps<kPrefillWarps>::kCmpStaticSmem);
+  const int64_t nb_max = prefill_nb_max(length + T);
+  return prefill_fits(prefill_set<__half>(nb_max), h, nb_max, dyn_smem_limit(SIZE_MAX, 0));
 }
 
 template <typename T>
 void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
-  const PrefillKernels k = prefill_kernels<T>(p.dk, p.dv, tc_stages_);
+  const PrefillKernels k = prefill_set<T>(nb_max);
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
   const auto G = static_cast<unsigned>(p.G);
   // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a

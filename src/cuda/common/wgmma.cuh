@@ -116,6 +116,28 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 
 #undef NSA_WG_RS64
 #undef NSA_WG_RS128
+
+// D[64 x 64] (+)= A B, A and B K-major from shared memory by descriptor (A: the 64 rows of this
+// warpgroup). scale_d == 0 overwrites D.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
+                                           int scale_d) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+#define NSA_WG_SS64(type) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" NSA_WG_OP("m64n64k16", type)     \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "       \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+               "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                \
+               : NSA_WG_ACC2(0), NSA_WG_ACC2(2), NSA_WG_ACC2(4), NSA_WG_ACC2(6)                \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+  if constexpr (kBf16) {
+    NSA_WG_SS64("bf16");
+  } else {
+    NSA_WG_SS64("f16");
+  }
+#undef NSA_WG_SS64
+}
+
 #undef NSA_WG_ACC2
 #undef NSA_WG_D64
 #undef NSA_WG_SCALE64

@@ -22,10 +22,13 @@
 
 namespace nsa::cuda {
 
-// Warps per block: the backend instantiates W = 8 (128 rows; W = 4 measured slower).
+// Warps per block: the backend instantiates W = 8 (128 rows; W = 4 measured slower), and W = 12
+// (192 rows, three warpgroups) for the wgmma path (NSA_CUDA_PREFILL_WARPS=12), where Q is a
+// shared-memory operand so that 12 warps fit the registers.
 template <int W>
 struct PfWarps {
   static constexpr int kWarps = W, kThreads = 32 * W, kRows = 16 * W;
+  static constexpr int kMinBlocks = W <= 8 ? 8 / W : 1;  // per SM, for __launch_bounds__
   static constexpr int kMaxChosen = 64;  // n_sel <= 64 (checked when the backend is built)
   // Static shared memory of the cmp kernel: each warp's chosen-block list.
   static constexpr size_t kCmpStaticSmem = size_t{W} * kMaxChosen * sizeof(int32_t);
@@ -71,23 +74,40 @@ __device__ __forceinline__ void copy_rows_async(T* dst, const T* src, int nk) {
   }
 }
 
-// The same into a 128-byte-swizzled 64-row tile (the wgmma layout, common/wgmma.cuh): rows nk ..
-// 63 are zero-filled. A thread's rows differ by multiples of 8, so its swizzle is one constant.
+// Element offset of (row, 16-byte chunk c of column block cb) in a 128-byte-swizzled 64-row
+// tile (the wgmma layout, common/wgmma.cuh).
+__device__ __forceinline__ int sw128_offset(int row, int cb, int c) {
+  return cb * (kSwBlockBytes / 2) + row * kSwCols + ((c ^ (row & 7)) * 8);
+}
+
+// The same copies as copy_rows_async into a swizzled 64-row tile: rows nk .. 63 are zero-filled.
+// Where a thread's rows differ by multiples of 8 its swizzle is one constant; other thread
+// counts (384) copy chunk by chunk.
 template <int W, int NT, typename T>
 __device__ __forceinline__ void copy_rows_sw128(T* dst, const T* src, int nk) {
   static_assert(W % kSwCols == 0, "swizzled tiles hold rows of a multiple of 64 elements");
   constexpr int kRowStep = NT / 8;
-  static_assert(NT % 64 == 0 && 64 % kRowStep == 0, "copy layout");
-  const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
-  const int sw = (c ^ (r0 & 7)) * 8;
+  if constexpr (NT % 64 == 0 && 64 % kRowStep == 0) {
+    const int r0 = static_cast<int>(threadIdx.x) / 8, c = static_cast<int>(threadIdx.x) % 8;
+    const int sw = (c ^ (r0 & 7)) * 8;
 #pragma unroll
-  for (int u = 0; u < 64 / kRowStep; ++u) {
-    const int row = r0 + u * kRowStep;
-    const bool ok = row < nk;
+    for (int u = 0; u < 64 / kRowStep; ++u) {
+      const int row = r0 + u * kRowStep;
+      const bool ok = row < nk;
 #pragma unroll
-    for (int cb = 0; cb < W / kSwCols; ++cb) {
-      cp_async16(smem_addr(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw),
-                 (ok ? src + row * W : src) + cb * kSwCols + c * 8, ok);
+      for (int cb = 0; cb < W / kSwCols; ++cb) {
+        cp_async16(smem_addr(dst + cb * (kSwBlockBytes / 2) + row * kSwCols + sw),
+                   (ok ? src + row * W : src) + cb * kSwCols + c * 8, ok);
+      }
+    }
+  } else {
+    constexpr int kc = W / 8;  // 16-byte chunks per row
+#pragma unroll 4
+    for (int i = static_cast<int>(threadIdx.x); i < 64 * kc; i += NT) {
+      const int row = i / kc, c = i % kc;
+      const bool ok = row < nk;
+      cp_async16(smem_addr(dst + sw128_offset(row, c / 8, c % 8)),
+                 (ok ? src + row * W : src) + c * 8, ok);
     }
   }
 }
@@ -122,6 +142,26 @@ __device__ __forceinline__ PfRows pf_rows(const StepParams& p) {
   return rw;
 }
 
+// cp.async copies of the tile's NT / 2 Q rows (row m: query m / h, head m % h of group g; rows
+// of queries that do not exist are zero) into shared memory, chunk c of row m at element
+// dst(m, c); then waits for them. Every thread of the block calls it.
+template <typename T, int DK, int NT, typename Dst>
+__device__ __forceinline__ void copy_q_rows(const StepParams& p, const PfRows& rw, int64_t g,
+                                            Dst&& dst) {
+  constexpr int kc = DK / 8, kRows = NT / 2;
+  const int h = static_cast<int>(p.h);
+  const int h_shift = __ffs(h) - 1;  // h divides 16 (checked when the backend is built)
+  const T* q0 = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kRows * kc; i += NT) {
+    const int m = i / kc, c = i % kc, qi = m >> h_shift;
+    const bool ok = qi < rw.n_valid;
+    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + (m & (h - 1))) * DK + c * 8 : q0;
+    cp_async16(smem_addr(dst(m, c)), src, ok);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+}
+
 // Q of this thread's rows as A fragments (rows that do not exist are zero): the tile's rows go
 // through shared memory (qs: 16 W rows of DK + 8 elements, the K ring before it is used) with
 // 16-byte copies, then ldmatrix; not 4-byte loads of scattered rows from device memory. Every
@@ -129,18 +169,9 @@ __device__ __forceinline__ PfRows pf_rows(const StepParams& p) {
 template <typename T, int DK, int NT>
 __device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& rw, int64_t g,
                                              uint32_t (&qa)[DK / 16][4], T* qs) {
-  constexpr int kLd = DK + 8, kc = DK / 8, kRows = NT / 2;  // 16 rows per warp
-  const int h = static_cast<int>(p.h), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int h_shift = __ffs(h) - 1;  // h divides 16 (checked when the backend is built)
-  const T* q0 = static_cast<const T*>(p.q);
-  for (int i = threadIdx.x; i < kRows * kc; i += NT) {
-    const int m = i / kc, c = i % kc, qi = m >> h_shift;
-    const bool ok = qi < rw.n_valid;
-    const T* src = ok ? q0 + ((rw.r0 + qi) * p.H + g * p.h + (m & (h - 1))) * DK + c * 8 : q0;
-    cp_async16(smem_addr(qs + m * kLd + c * 8), src, ok);
-  }
-  cp_async_commit();
-  cp_async_wait<0>();
+  constexpr int kLd = DK + 8;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  copy_q_rows<T, DK, NT>(p, rw, g, [&](int m, int c) { return qs + m * kLd + c * 8; });
   __syncthreads();
 #pragma unroll
   for (int kc16 = 0; kc16 < DK / 16; ++kc16) {
@@ -148,6 +179,21 @@ __device__ __forceinline__ void load_q_frags(const StepParams& p, const PfRows& 
                 smem_addr(qs + (warp * 16 + (lane & 15)) * kLd + kc16 * 16 + (lane >> 4) * 8));
   }
   __syncthreads();  // qs is the K ring, which the caller fills next
+}
+
+// Q of the tile's 16 W rows into shared memory as wgmma A operands (the wgmma path with W > 8):
+// one swizzled 64-row K-major tile of DK elements per warpgroup at qs + warpgroup * 64 DK (rows
+// that do not exist are zero). Every thread of the block calls it; ends with a barrier.
+template <typename T, int DK, int NT>
+__device__ __forceinline__ void load_q_sw128(const StepParams& p, const PfRows& rw, int64_t g,
+                                             T* qs) {
+  copy_q_rows<T, DK, NT>(p, rw, g, [&](int m, int c) {
+    return qs + (m / 64) * 64 * DK + sw128_offset(m % 64, c / 8, c % 8);
+  });
+#if NSA_HAS_WGMMA
+  fence_proxy_async();
+#endif
+  __syncthreads();
 }
 
 // S = Q K^T of this warp's 16 rows and the 64 keys of the tile at ks (raw dot products).
@@ -171,22 +217,38 @@ __device__ __forceinline__ void tile_logits(const uint32_t (&qa)[DK / 16][4], co
   }
 }
 
+// Whether the prefill kernels multiply with warpgroup MMAs for these head dims (where the
+// device runs the sm_90a code): dk a multiple of 64 and dv 128 (see PfRing).
+constexpr bool pf_wgmma_dims(int dk, int dv) { return dk % 64 == 0 && dv == 128; }
+
+// Dynamic shared memory of the K/V ring and, for the wgmma path with W > 8 warps, the Q tiles
+// after it (the cmp kernel's scores follow). The host calls it with wgmma = whether the device
+// runs the sm_90a code.
+template <int DK, int DV, int W>
+constexpr size_t pf_pipe_bytes(bool wgmma) {
+  if (!wgmma || !pf_wgmma_dims(DK, DV) || W <= 8) return PfShape<DK, DV>::kPipeBytes;
+  return 1024 + 2 * static_cast<size_t>(DK + DV) * kTileKeys * 2 +
+         static_cast<size_t>(W / 4) * kTileKeys * DK * 2;
+}
+
 // The two-stage K/V ring of the prefill kernels. On sm_90a, for dk a multiple of 64 and dv 128,
 // tiles are stored with the 128-byte swizzle and multiplied by warpgroup MMAs (wgmma,
 // common/wgmma.cuh): a warpgroup's 4 warps are the 64 rows of one wgmma, with the same
-// per-thread fragments as before. Elsewhere rows are padded (ldmatrix without bank conflicts) and
-// multiplied by mma.sync. dv 64 stays on mma.sync: its P V as one m64n64k16 wgmma gave wrong
-// outputs on the H100 (docs/perf-cuda-prefill.md, v22) while dv 128 matches the CPU reference.
+// per-thread fragments as before; with W > 8 warps Q is a shared-memory operand too (q_tiles).
+// Elsewhere rows are padded (ldmatrix without bank conflicts) and multiplied by mma.sync. dv 64
+// stays on mma.sync: its P V as one m64n64k16 wgmma gave wrong outputs on the H100
+// (docs/perf-cuda-prefill.md, v22) while dv 128 matches the CPU reference.
 // Every thread of the block calls load, ready, logits and accumulate.
 template <typename T, int DK, int DV, int NT>
 struct PfRing {
   using Sh = PfShape<DK, DV>;
-  static constexpr bool kWg = NSA_HAS_WGMMA && DK % 64 == 0 && DV == 128;
+  static constexpr bool kWg = NSA_HAS_WGMMA && pf_wgmma_dims(DK, DV);
   static constexpr int kKStage = kWg ? DK * Sh::kTile : Sh::kKElems;  // elements per stage
   static constexpr int kVStage = kWg ? DV * Sh::kTile : Sh::kVElems;
+  static constexpr size_t kBytes = pf_pipe_bytes<DK, DV, NT / 32>(kWg);
   // The swizzled ring starts at the next 1024-byte boundary: the padding of the unswizzled
   // layout (16 elements per row, 2 x 64 x 16 x 2 bytes) leaves room for it in kPipeBytes.
-  static_assert(!kWg || 2 * (kKStage + kVStage) * 2 + 1024 <= Sh::kPipeBytes, "ring fits");
+  static_assert(!kWg || 2 * (kKStage + kVStage) * 2 + 1024 <= kBytes, "ring fits");
   T* base;
 
   __device__ explicit PfRing(T* pipe) : base(pipe) {
@@ -197,19 +259,25 @@ struct PfRing {
   }
   __device__ T* k(int stage) const { return base + stage * kKStage; }
   __device__ T* v(int stage) const { return base + 2 * kKStage + stage * kVStage; }
+  // The Q tiles of the wgmma path with W > 8 (load_q_sw128): after the ring, 1024-aligned.
+  __device__ T* q_tiles() const { return base + 2 * kKStage + 2 * kVStage; }
 
   __device__ void load_k(int stage, const T* src, int nk) const {
     if constexpr (kWg) {
       copy_rows_sw128<DK, NT>(k(stage), src, nk);
-    } else {
+    } else if constexpr (NT <= 256) {
       copy_rows_async<DK, Sh::kLdK, NT>(k(stage), src, nk);
+    } else {
+      __trap();  // never launched: more than 8 warps only on the wgmma path
     }
   }
   __device__ void load_v(int stage, const T* src, int nk) const {
     if constexpr (kWg) {
       copy_rows_sw128<DV, NT>(v(stage), src, nk);
-    } else {
+    } else if constexpr (NT <= 256) {
       copy_rows_async<DV, Sh::kLdV, NT>(v(stage), src, nk);
+    } else {
+      __trap();  // never launched: more than 8 warps only on the wgmma path
     }
   }
 
@@ -238,6 +306,29 @@ struct PfRing {
     }
 #endif
     tile_logits<T, DK, Sh::kLdK>(qa, k(stage), s);
+  }
+
+  // The same with Q from shared memory: q_tile is the shared address of this warpgroup's Q tile
+  // (load_q_sw128). wgmma path only.
+  __device__ void logits(uint32_t q_tile, int stage, float (&s)[8][4]) const {
+#if NSA_HAS_WGMMA
+    if constexpr (kWg) {
+      const uint64_t dq = desc_k_major(q_tile, 0), dk = desc_k_major(smem_addr(k(stage)), 0);
+      wg_fence();
+#pragma unroll
+      for (int kc = 0; kc < DK / 16; ++kc) {
+        const uint32_t off = k_major_offset(kc);
+        wgmma_ss64<T>(s, desc_moved(dq, off), desc_moved(dk, off), kc > 0 ? 1 : 0);
+      }
+      wg_commit();
+      wg_wait<0>();
+      wg_fence_regs(s);
+      return;
+    }
+#endif
+    (void)q_tile;
+    (void)stage;
+    __trap();  // never launched: the host takes W > 8 only where the wgmma path runs
   }
 
   // O += P V: P is the tile's exponentials s (rounded to 16 bits) as A fragments.
@@ -285,11 +376,36 @@ struct PfRing {
 // to its own range [lo, hi) (rows that do not exist: [0, kNoRowEnd), their Q is zero and their
 // results are never stored). Leaves the row's output (normalised) in o and its log-sum-exp in
 // log2 units in lse2 (-inf for a row without keys).
+// The tile's Q as the A operand of S = Q K^T: fragments in registers (8 warps or fewer), or,
+// on the wgmma path with more warps, one swizzled shared-memory tile per warpgroup after the
+// K/V ring, which frees the fragments' DK / 4 registers per thread. Every thread calls load.
 template <typename T, int DK, int DV, int NT>
-__device__ __forceinline__ void pf_attend(const StepParams& p, const uint32_t (&qa)[DK / 16][4],
-                                          const T* K, const T* V, int64_t k0, int64_t k1,
-                                          const int64_t (&lo)[2], const int64_t (&hi)[2], T* pipe,
-                                          float (&o)[DV / 8][4], float (&lse2)[2]) {
+struct PfQOperand {
+  static constexpr bool kSmem = PfRing<T, DK, DV, NT>::kWg && NT > 256;
+  using Frags = uint32_t[DK / 16][4];
+  std::conditional_t<kSmem, uint32_t, Frags> q;
+
+  __device__ void load(const StepParams& p, const PfRows& rw, int64_t g, T* pipe) {
+    if constexpr (kSmem) {
+      const PfRing<T, DK, DV, NT> ring(pipe);
+      load_q_sw128<T, DK, NT>(p, rw, g, ring.q_tiles());
+      q = smem_addr(ring.q_tiles() + (threadIdx.x / 128) * 64 * DK);
+    } else if constexpr (NT <= 256) {
+      static_assert(NT / 2 * (DK + 8) <= 2 * PfShape<DK, DV>::kKElems, "Q staging fits the ring");
+      load_q_frags<T, DK, NT>(p, rw, g, q, pipe);
+    } else {
+      __trap();  // never launched: the host takes more than 8 warps only on the wgmma path
+    }
+  }
+  __device__ const std::conditional_t<kSmem, uint32_t, Frags>& op() const { return q; }
+};
+
+// qa: Q as A fragments, or the shared address of this warpgroup's Q tile (PfRing::logits).
+template <typename T, int DK, int DV, int NT, typename Q>
+__device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, const T* K, const T* V,
+                                          int64_t k0, int64_t k1, const int64_t (&lo)[2],
+                                          const int64_t (&hi)[2], T* pipe, float (&o)[DV / 8][4],
+                                          float (&lse2)[2]) {
   using Sh = PfShape<DK, DV>;
   constexpr int kTile = Sh::kTile;
   const int tig = threadIdx.x % 4;
@@ -477,10 +593,9 @@ __device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows&
 }
 
 template <typename T, int DK, int DV, int W>
-__global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
+__global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
-  static_assert(Wp::kRows * (DK + 8) <= 2 * PfShape<DK, DV>::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
@@ -494,23 +609,22 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
     hi[k] = rw.valid[k] ? t + 1 : kNoRowEnd;
   }
   const int64_t k0 = max(int64_t{0}, rw.t0 - p.w + 1), k1 = rw.t0 + rw.n_valid;
-  uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, reinterpret_cast<T*>(smem_raw));
+  PfQOperand<T, DK, DV, Wp::kThreads> qa;
+  qa.load(p, rw, g, reinterpret_cast<T*>(smem_raw));
   const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
   const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
   float o[DV / 8][4], lse2[2];
-  pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, k0, k1, lo, hi, reinterpret_cast<T*>(smem_raw), o,
-                                     lse2);
+  pf_attend<T, DK, DV, Wp::kThreads>(p, qa.op(), K, V, k0, k1, lo, hi,
+                                     reinterpret_cast<T*>(smem_raw), o, lse2);
   pf_store<DV>(p, rw, g, p.n_cmp_splits, o, lse2);
 }
 
 template <typename T, int DK, int DV, int W>
-__global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
+__global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     nsa_prefill_cmp_kernel(const __grid_constant__ StepParams p, int64_t nb_max) {
   using Sh = PfShape<DK, DV>;
   using Wp = PfWarps<W>;
   constexpr int kTile = Sh::kTile;
-  static_assert(Wp::kRows * (DK + 8) <= 2 * Sh::kKElems, "Q staging fits the ring");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t chosen[W][Wp::kMaxChosen];
   const int64_t g = blockIdx.y;
@@ -527,16 +641,17 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
   }
   const int64_t k1 = num_cmp(rw.t0 + rw.n_valid, p.l, p.d);  // keys of the tile's last query
   T* pipe = reinterpret_cast<T*>(smem_raw);
-  float* scores = reinterpret_cast<float*>(smem_raw + Sh::kPipeBytes);  // [qt][nb_max]
+  float* scores =
+      reinterpret_cast<float*>(smem_raw + PfRing<T, DK, DV, Wp::kThreads>::kBytes);  // [qt][nb_max]
   float* stages = scores + rw.qt * nb_max;  // [2][qt][64]: tile it uses stages[it & 1]
   const T* K = static_cast<const T*>(p.k_cmp) + cache_at(p, b, g, 0, DK, p.cap_cmp);
   const T* V = static_cast<const T*>(p.v_cmp) + cache_at(p, b, g, 0, DV, p.cap_cmp);
-  uint32_t qa[DK / 16][4];
-  load_q_frags<T, DK, Wp::kThreads>(p, rw, g, qa, pipe);
+  PfQOperand<T, DK, DV, Wp::kThreads> qa;
+  qa.load(p, rw, g, pipe);
   float lse2[2] = {-INFINITY, -INFINITY};
   if (need_cmp && k1 > 0) {
     float o[DV / 8][4];
-    pf_attend<T, DK, DV, Wp::kThreads>(p, qa, K, V, 0, k1, lo, hi, pipe, o, lse2);
+    pf_attend<T, DK, DV, Wp::kThreads>(p, qa.op(), K, V, 0, k1, lo, hi, pipe, o, lse2);
     pf_store<DV>(p, rw, g, 0, o, lse2);
   }
   for (int64_t i = threadIdx.x; i < rw.qt * nb_max && need_sel; i += blockDim.x) scores[i] = 0.f;
@@ -562,7 +677,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, 8 / W)
       const int64_t j0 = it * kTile;
       float* stage = stages + (it & 1) * rw.qt * kTile;
       float s[8][4];
-      ring.logits(qa, static_cast<int>(it & 1), s);
+      ring.logits(qa.op(), static_cast<int>(it & 1), s);
       // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
       float pc[2][16];
 #pragma unroll
