@@ -67,12 +67,16 @@ if [ "$MODE" != decode ] && [ "$MODE" != seed ]; then
   NSA_CUDA_SEL_ORDER=rows NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 \
     --dk 192 --dv 128 --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 |
     grep "^forward T=65536" | tail -2 | tee -a "$OUT/summary.txt"
-  log "12-warp blocks (NSA_CUDA_PREFILL_WARPS=12): per-kernel times at 64k, then attention, same run"
-  NSA_CUDA_PREFILL_WARPS=12 NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 \
+  log "8-warp blocks (NSA_CUDA_PREFILL_WARPS=8; default 4 on the wgmma path): per-kernel times at 64k, then attention, same run"
+  NSA_CUDA_PREFILL_WARPS=8 NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 \
     --groups 4 --dk 192 --dv 128 --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 |
     grep "^forward T=65536" | tail -2 | tee -a "$OUT/summary.txt"
-  NSA_CUDA_PREFILL_WARPS=12 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+  NSA_CUDA_PREFILL_WARPS=8 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 16384,65536 --iters 3 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
+  log "phase clocks of the cmp and window kernels at 64k (NSA_CUDA_KERNEL_TIMES=2, 4-warp blocks)"
+  NSA_CUDA_KERNEL_TIMES=2 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
+    --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 | grep "^forward T=65536" |
+    tail -3 | tee -a "$OUT/summary.txt"
   log "the same through the row-step kernels (NSA_CUDA_PREFILL=rows), same run"
   NSA_CUDA_PREFILL=rows $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 8192,16384 --iters 2 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"

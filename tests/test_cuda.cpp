@@ -23,13 +23,14 @@ struct Case {
   int64_t H, G, dk, dv, B, S0, steps;
   DType dtype;
   int64_t l_sel = 64;
-  int64_t S1 = 0;  // > 0: a second prefill of S1 tokens after the first, before the steps
+  int64_t S1 = 0;          // > 0: a second prefill of S1 tokens after the first, before the steps
+  int64_t l = 32, d = 16;  // compression block and stride
 };
 
 std::string name(const Case& c) {
-  return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l_sel {}", c.H, c.G, c.dk, c.dv,
-                     c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "", c.steps,
-                     to_string(c.dtype), c.l_sel);
+  return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l {} d {} l_sel {}", c.H, c.G, c.dk,
+                     c.dv, c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "", c.steps,
+                     to_string(c.dtype), c.l, c.d, c.l_sel);
 }
 
 Config case_config(const Case& k) {
@@ -41,6 +42,8 @@ Config case_config(const Case& k) {
   c.dv = k.dv;
   c.gate_hidden = k.dk / 2;
   c.l_sel = k.l_sel;
+  c.l = k.l;
+  c.d = k.d;
   return c;
 }
 
@@ -340,31 +343,41 @@ TEST(Cuda, TiledPrefillMatchesCpu) {
       {16, 2, 64, 64, 1, 4096, 2, DType::kF16},          // h = 8, 64 blocks to choose from
       {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},   // l_sel 32
       {8, 2, 64, 64, 2, 700, 2, DType::kBF16, 64, 333},  // a second prefill onto a cache
+      // Other overlap patterns of compressed tokens and selection blocks: l 48 (three strides
+      // per token), d 8 (eight tokens per block), l = l_sel.
+      {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 64, 0, 48, 16},
+      {16, 1, 192, 128, 1, 2100, 2, DType::kF16, 64, 0, 32, 8},
+      {8, 2, 64, 64, 1, 777, 2, DType::kBF16, 32, 0, 32, 16},
   };
   for (const Case& k : cases) check_case(k);
 }
 
 // Blocks of 12 warps (NSA_CUDA_PREFILL_WARPS=12: three warpgroups, Q as a shared-memory wgmma
-// operand), where the wgmma path runs (Hopper, dv 128); elsewhere the 8-warp kernels run and
-// these cases check those again. h = 16 and 8 (12 and 24 queries per tile), T across tile and
-// launch boundaries, B > 1, a second prefill onto a cache, then decode steps.
-TEST(Cuda, TiledPrefillTwelveWarpsMatchesCpu) {
+// operand) and of 8 warps (two warpgroups), where the wgmma path runs its default 4-warp
+// blocks (Hopper, dv 128); elsewhere the 8-warp kernels run and these cases check those again.
+// h = 16 and 8 (12 / 24 or 8 / 16 queries per tile), T across tile and launch boundaries, B > 1,
+// a second prefill onto a cache, then decode steps.
+TEST(Cuda, TiledPrefillOtherWarpCountsMatchCpu) {
   REQUIRE_GPU();
-  const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", "12");
-  const Case cases[] = {
-      {16, 1, 192, 128, 1, 4096, 2, DType::kBF16},
-      {16, 1, 192, 128, 3, 17, 2, DType::kF16},
-      {32, 2, 128, 128, 2, 1013, 2, DType::kF16},
-      {16, 2, 128, 128, 1, 2100, 2, DType::kBF16},      // h = 8
-      {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},  // l_sel 32
-      {16, 1, 192, 128, 2, 700, 2, DType::kBF16, 64, 333},
-  };
-  for (const Case& k : cases) check_case(k);
+  for (const char* w : {"12", "8"}) {
+    SCOPED_TRACE(std::string("NSA_CUDA_PREFILL_WARPS=") + w);
+    const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", w);
+    const Case cases[] = {
+        {16, 1, 192, 128, 1, 4096, 2, DType::kBF16},
+        {16, 1, 192, 128, 3, 17, 2, DType::kF16},
+        {32, 2, 128, 128, 2, 1013, 2, DType::kF16},
+        {16, 2, 128, 128, 1, 2100, 2, DType::kBF16},      // h = 8
+        {16, 1, 192, 128, 1, 1013, 2, DType::kBF16, 32},  // l_sel 32
+        {16, 1, 192, 128, 2, 700, 2, DType::kBF16, 64, 333},
+    };
+    for (const Case& k : cases) check_case(k);
+  }
 }
 
 TEST(Cuda, PrefillWarpsKnobIsChecked) {
   REQUIRE_GPU();
   expect_knob_rejected("NSA_CUDA_PREFILL_WARPS", "16", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_KERNEL_TIMES", "3", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -381,10 +394,15 @@ TEST(Cuda, TiledPrefillSmall) {
     for (const Case& k : cases) check_case(k);
   }
   check_case({2, 2, 32, 32, 2, 150, 2, DType::kF16});  // h = 1: 128 queries per tile
-  {
-    const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", "12");  // 12-warp blocks (wgmma path)
+  for (const char* w : {"12", "8"}) {  // 12- and 8-warp blocks (the wgmma path's default: 4)
+    const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", w);
     const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
     check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
+  {
+    // The kernels with phase clocks (NSA_CUDA_KERNEL_TIMES=2) compute the same results.
+    const ScopedEnv clocks("NSA_CUDA_KERNEL_TIMES", "2");
+    check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});
   }
   const ScopedEnv rows_path("NSA_CUDA_PREFILL", "rows");
   check_case({16, 1, 192, 128, 1, 300, 2, DType::kBF16});

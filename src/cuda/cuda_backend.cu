@@ -299,6 +299,7 @@ class CudaBackend final : public Backend {
               Args... args);
   // With probes_ set (NSA_CUDA_KERNEL_TIMES, eager steps only), an event follows each kernel.
   void probe(const char* name);
+  void print_phase_clocks(const DeviceBuffer& clocks, int64_t T) const;
   std::vector<std::pair<const char*, cudaEvent_t>>* probes_ = nullptr;
 
   Config c_;
@@ -321,9 +322,11 @@ class CudaBackend final : public Backend {
   bool sel_group_major_ = true;  // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
   bool prefill_rows_ = false;    // NSA_CUDA_PREFILL=rows: prefill through the step kernels
   bool wgmma_ = false;           // the device runs the sm_90a code (compute capability 9.0)
-  int prefill_warps_ = 8;        // NSA_CUDA_PREFILL_WARPS=12: the wgmma prefill in 12-warp blocks
+  int prefill_warps_ = 4;        // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
+  size_t smem_per_sm_ = 0;       // shared memory per multiprocessor
   int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
+  bool phase_clocks_ = false;    // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
@@ -357,13 +360,19 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_));
   wgmma_ = major == 9 && minor == 0;
   if (const char* warps = std::getenv("NSA_CUDA_PREFILL_WARPS"); warps != nullptr) {
-    NSA_CHECK(std::string_view(warps) == "8" || std::string_view(warps) == "12",
-              "NSA_CUDA_PREFILL_WARPS: value '{}' is not valid; allowed: 8, 12", warps);
+    const std::string_view w(warps);
+    NSA_CHECK(w == "4" || w == "8" || w == "12",
+              "NSA_CUDA_PREFILL_WARPS: value '{}' is not valid; allowed: 4 (the default), 8, 12",
+              warps);
     prefill_warps_ = std::atoi(warps);
   }
   int optin = 0;
   NSA_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   smem_optin_ = static_cast<size_t>(optin);
+  int per_sm = 0;
+  NSA_CUDA_CHECK(
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device_));
+  smem_per_sm_ = static_cast<size_t>(per_sm);
   // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
@@ -400,8 +409,15 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
   }
-  const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES");
-  kernel_times_ = kt_env != nullptr && std::string_view(kt_env) == "1";
+  if (const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES"); kt_env != nullptr) {
+    const std::string_view kt(kt_env);
+    NSA_CHECK(kt == "0" || kt == "1" || kt == "2",
+              "NSA_CUDA_KERNEL_TIMES: value '{}' is not valid; allowed: 0, 1, 2 (1 and the "
+              "prefill kernels' phase clocks)",
+              kt_env);
+    kernel_times_ = kt != "0";
+    phase_clocks_ = kt == "2";
+  }
   NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
   NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
   for (auto& e : out_ready_) NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -816,6 +832,10 @@ using PfWinKernel = void (*)(StepParams);
 struct PrefillKernels {
   PfCmpKernel cmp = nullptr;
   PfWinKernel win = nullptr;
+  // The same with phase clocks (NSA_CUDA_KERNEL_TIMES=2), where instantiated: the paper's head
+  // dims (192 / 128) in the default 4-warp blocks of the wgmma path; else null.
+  PfCmpKernel cmp_clock = nullptr;
+  PfWinKernel win_clock = nullptr;
   AttnKernel sel = nullptr;  // the decode kernel's gathered attention, one split per block
   size_t pipe_smem = 0, sel_smem = 0;
   size_t cmp_static_smem = 0;  // the cmp kernel's static shared memory
@@ -828,6 +848,10 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels
   if (dk != DK || dv != DV) return false;
   k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
   k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
+  if constexpr (DK == 192 && DV == 128 && W == 4) {
+    k.cmp_clock = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W, true>;
+    k.win_clock = cuda::nsa_prefill_win_kernel<T, DK, DV, W, true>;
+  }
   if (stages == 3) {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
     k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kFusedSmemBytes;
@@ -843,9 +867,10 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels
 }
 
 // The tiled prefill kernels for these head dims (the tensor-core kernel's set), or none. Blocks
-// of 8 warps (128 rows): measured faster than 4 warps (64 rows) at the paper's shapes
-// (docs/perf-cuda-prefill.md). warps = 12 (NSA_CUDA_PREFILL_WARPS): three warpgroups of 64 rows
-// with Q in shared memory, where the wgmma path runs (wgmma and its head dims); else 8.
+// of 8 warps (128 rows) on the mma.sync path (measured faster than 4 warps there). warps = 4 or
+// 12 where the wgmma path runs (wgmma and its head dims), else 8: 4 is one warpgroup of 64 rows,
+// two blocks per SM (measured faster than 8 on the wgmma path, docs/perf-cuda-prefill.md), 12
+// three warpgroups with Q in shared memory (measured no faster than 8).
 // `stages`: the key ring of the selected pass (2 or 3).
 template <typename T>
 PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages, bool wgmma, int warps) {
@@ -853,6 +878,11 @@ PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages, bool wgmma, i
   if (warps == 12 && wgmma &&
       (pick_prefill<T, 128, 128, 12>(dk, dv, stages, wgmma, k) ||
        pick_prefill<T, 192, 128, 12>(dk, dv, stages, wgmma, k))) {
+    return k;
+  }
+  if (warps == 4 && wgmma &&
+      (pick_prefill<T, 128, 128, 4>(dk, dv, stages, wgmma, k) ||
+       pick_prefill<T, 192, 128, 4>(dk, dv, stages, wgmma, k))) {
     return k;
   }
   constexpr int W = 8;
@@ -869,13 +899,17 @@ bool prefill_fits(const PrefillKernels& k, int64_t h, int64_t nb_max, size_t lim
          k.pipe_smem + cuda::prefill_score_smem(k.rows, h, nb_max) + k.cmp_static_smem <= limit;
 }
 
-// The tiled prefill kernels for a call whose queries see up to nb_max selection blocks: the
-// 12-warp blocks where asked for and their shared memory holds the scores (~88k tokens at
-// h = 16, dk 192), else the 8-warp ones (~280k).
+// The tiled prefill kernels for a call whose queries see up to nb_max selection blocks. Where
+// the wgmma path runs: 4-warp blocks by default (measured faster than 8 at the paper's shapes,
+// docs/perf-cuda-prefill.md) while two of them fit an SM with the scores (up to ~100k tokens at
+// h = 16, dk 192), 12-warp blocks where asked for (NSA_CUDA_PREFILL_WARPS=12) while one holds
+// the scores (~88k); else, and for longer contexts, the 8-warp ones (~280k).
 template <typename T>
 PrefillKernels CudaBackend::prefill_set(int64_t nb_max) const {
   const int64_t h = c_.heads_per_group();
-  const size_t limit = dyn_smem_limit(SIZE_MAX, 0);  // the device's opt-in limit
+  size_t limit = dyn_smem_limit(SIZE_MAX, 0);  // the device's opt-in limit
+  // Two 4-warp blocks per SM, each with the 1 KiB the runtime reserves per block.
+  if (prefill_warps_ == 4) limit = std::min(limit, smem_per_sm_ / 2 - 1024);
   PrefillKernels k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, prefill_warps_);
   if (prefill_warps_ != 8 && !prefill_fits(k, h, nb_max, limit)) {
     k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, 8);
@@ -906,10 +940,12 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
   launch("emit", cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   const int64_t queries = k.rows / p.h;  // per tile
   const auto tiles = static_cast<unsigned>((p.R + queries - 1) / queries);
-  launch("prefill_cmp", k.cmp, dim3(tiles, G), dim3(static_cast<unsigned>(k.threads)),
+  const bool clocks = p.stamps != nullptr && k.cmp_clock != nullptr;
+  launch("prefill_cmp", clocks ? k.cmp_clock : k.cmp, dim3(tiles, G),
+         dim3(static_cast<unsigned>(k.threads)),
          k.pipe_smem + cuda::prefill_score_smem(k.rows, p.h, nb_max), p, nb_max);
-  launch("prefill_win", k.win, dim3(tiles, G), dim3(static_cast<unsigned>(k.threads)), k.pipe_smem,
-         p);
+  launch("prefill_win", clocks ? k.win_clock : k.win, dim3(tiles, G),
+         dim3(static_cast<unsigned>(k.threads)), k.pipe_smem, p);
   // The selected blocks, and the gated output of all three branches (p.sel_fused).
   launch("attn_sel_out", k.sel, dim3(RG), dim3(128), k.sel_smem, p, 1);
 }
@@ -996,6 +1032,12 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   // kernel's time summed over the launches to stderr.
   const bool kernel_times = kernel_times_;
   std::vector<std::pair<std::string, double>> kernel_ms;
+  // NSA_CUDA_KERNEL_TIMES=2: the tiled kernels' phase clocks, summed over every block.
+  DeviceBuffer clocks;
+  if (phase_clocks_ && tiled) {
+    clocks = DeviceBuffer(sizeof(long long) * 2 * cuda::kPfPhases);
+    NSA_CUDA_CHECK(cudaMemsetAsync(clocks.get(), 0, clocks.bytes(), stream_));
+  }
   // Launches: [row0, row0 + R) of the B * T rows; with the tiled prefill never across sequences.
   const int64_t span = tiled ? T : rows;
   for (int64_t base = 0; base < rows; base += span) {
@@ -1003,7 +1045,8 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       const int64_t row0 = base + off, R = std::min(chunk, span - off);
       const int64_t advance = row0 + R == rows ? T : 0;
       auto t0 = Clock::now();
-      const StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
+      StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
+      if (clocks.get() != nullptr) p.stamps = clocks.as<long long>();
       host_ms[1] += since(t0);
       // The previous launch has finished (stream synchronised below), so the staging buffer is
       // free: convert this launch's rows into it and copy them over.
@@ -1070,7 +1113,43 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
                "copy out {:.1f} total {:.1f}\n",
                T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], host_ms[4], since(t_start));
   }
+  if (clocks.get() != nullptr) print_phase_clocks(clocks, T);
   cache.length += T;
+}
+
+// The phase clocks the tiled prefill kernels summed (NSA_CUDA_KERNEL_TIMES=2): SM clocks per
+// block, averaged over the blocks, per phase and kernel, to stderr.
+void CudaBackend::print_phase_clocks(const DeviceBuffer& clocks, int64_t T) const {
+  std::vector<long long> c(2 * cuda::kPfPhases);
+  NSA_CUDA_CHECK(cudaMemcpy(c.data(), clocks.get(), clocks.bytes(), cudaMemcpyDeviceToHost));
+  static constexpr const char* kNames[cuda::kPfBlocks] = {
+      "setup",      "p1_wait",   "p1_logits", "p1_softmax", "p1_pv",
+      "p1_barrier", "p1_store",  "p2_wait",   "p2_logits",  "p2_exp",
+      "p2_barrier", "p2_spread", "topn",      "-",          "-"};
+  for (int k = 0; k < 2; ++k) {
+    const long long* v = c.data() + k * cuda::kPfPhases;
+    const long long blocks = v[cuda::kPfBlocks];
+    if (blocks == 0) {
+      fmt::print(
+          stderr,
+          "forward T={} {} phases: no clocks (only the paper's head dims in 4-warp blocks)\n", T,
+          k == 0 ? "prefill_cmp" : "prefill_win");
+      continue;
+    }
+    long long total = 0;
+    for (int i = 0; i < cuda::kPfBlocks; ++i) total += v[i];
+    std::string line;
+    for (int i = 0; i < cuda::kPfBlocks; ++i) {
+      if (v[i] == 0) continue;
+      line += fmt::format(" {} {:.0f} ({:.1f}%)", kNames[i], static_cast<double>(v[i]) / blocks,
+                          100.0 * static_cast<double>(v[i]) / static_cast<double>(total));
+    }
+    fmt::print(stderr,
+               "forward T={} {} phases (SM clocks per block, mean of {} blocks, thread 0): "
+               "total {:.0f}:{}\n",
+               T, k == 0 ? "prefill_cmp" : "prefill_win", blocks,
+               static_cast<double>(total) / blocks, line);
+  }
 }
 
 // kind: 0 f32, 1 bf16, 2 f16.

@@ -57,6 +57,15 @@ __device__ __forceinline__ void pdl_launch_dependents(int enabled) {
 #endif
 }
 
+// 2^x by the special-function unit alone (ex2.approx.ftz): exp2f adds a fix-up for subnormal
+// results (a compare and two multiplies), which the softmax weights never need; results below
+// 2^-126 are 0 here, and exp2_ftz(-inf) = 0 as with exp2f.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ int64_t num_cmp(int64_t L, int64_t l, int64_t d) {
   return L < l ? 0 : div32(L - l, d) + 1;
 }

@@ -301,15 +301,15 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
     const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-    const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+    const float c0 = exp2_ftz(m0 - n0), c1 = exp2_ftz(m1 - n1);
     m0 = n0;
     m1 = n1;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - n0);
-      s[nt][1] = exp2f(s[nt][1] - n0);
-      s[nt][2] = exp2f(s[nt][2] - n1);
-      s[nt][3] = exp2f(s[nt][3] - n1);
+      s[nt][0] = exp2_ftz(s[nt][0] - n0);
+      s[nt][1] = exp2_ftz(s[nt][1] - n0);
+      s[nt][2] = exp2_ftz(s[nt][2] - n1);
+      s[nt][3] = exp2_ftz(s[nt][3] - n1);
     }
     l0 = l0 * c0 + s[0][0] + s[0][1] + s[1][0] + s[1][1];
     l1 = l1 * c1 + s[0][2] + s[0][3] + s[1][2] + s[1][3];

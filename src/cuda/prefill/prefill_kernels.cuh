@@ -115,6 +115,62 @@ __device__ __forceinline__ void copy_rows_sw128(T* dst, const T* src, int nk) {
 // Key range end of a row that does not exist: never narrows a tile's masking.
 constexpr int64_t kNoRowEnd = int64_t{1} << 62;
 
+// Phase clocks of the prefill kernels (NSA_CUDA_KERNEL_TIMES=2, a development aid): thread 0 of
+// each block adds the SM clocks between phase boundaries to shared counters and at the end to
+// p.stamps[base + phase]; entry kPfBlocks counts the blocks. Thread 0's warp runs in step with
+// the others at every barrier, so its phases are the block's. The kernels without clocks
+// (kOn = false, the default) compile to the same code as before.
+enum PfPhase : int {
+  kPfSetup,      // row set-up, the Q tile
+  kPfP1Wait,     // pass 1: the next tile's copies issued, this tile's awaited, the barrier
+  kPfP1Logits,   // pass 1: S = Q K^T
+  kPfP1Softmax,  // pass 1: masks, running max, exponentials, rescaling
+  kPfP1Pv,       // pass 1: O += P V
+  kPfP1Barrier,  // pass 1: the end-of-tile barrier
+  kPfP1Store,    // pass 1: normalisation and the partial's store
+  kPfP2Wait,     // pass 2 (cmp kernel): copies and the barrier
+  kPfP2Logits,   // pass 2: S = Q K^T
+  kPfP2Exp,      // pass 2: p_cmp, head sums into shared memory
+  kPfP2Barrier,  // pass 2: the barrier before the spread
+  kPfP2Spread,   // pass 2: the spread over the selection blocks
+  kPfTopN,       // the top-n and the block lists
+  kPfBlocks = 15,
+  kPfPhases = 16,  // entries per kernel in p.stamps (cmp kernel at 0, window kernel at 16)
+};
+
+template <bool kOn>
+struct PfClock {
+  long long* acc;  // shared [kPfPhases]
+  long long t;
+  __device__ explicit PfClock(long long* shared) : acc(shared), t(0) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kPfPhases; ++i) acc[i] = 0;
+      t = clock64();
+    }
+  }
+  __device__ void mark(PfPhase ph) {
+    if (threadIdx.x == 0) {
+      const long long now = clock64();
+      acc[ph] += now - t;
+      t = now;
+    }
+  }
+  __device__ void flush(long long* out) const {
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < kPfBlocks; ++i) {
+      if (acc[i] != 0) atomicAdd(reinterpret_cast<unsigned long long*>(out + i), acc[i]);
+    }
+    atomicAdd(reinterpret_cast<unsigned long long*>(out + kPfBlocks), 1ull);
+  }
+};
+
+template <>
+struct PfClock<false> {
+  __device__ explicit PfClock(long long*) {}
+  __device__ void mark(PfPhase) {}
+  __device__ void flush(long long*) const {}
+};
+
 // The tile's rows as this thread sees them: MMA rows gid and gid + 8 of its warp.
 struct PfRows {
   int64_t r0;       // first launch row of the tile
@@ -401,11 +457,11 @@ struct PfQOperand {
 };
 
 // qa: Q as A fragments, or the shared address of this warpgroup's Q tile (PfRing::logits).
-template <typename T, int DK, int DV, int NT, typename Q>
+template <typename T, int DK, int DV, int NT, typename Q, typename Clock>
 __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, const T* K, const T* V,
                                           int64_t k0, int64_t k1, const int64_t (&lo)[2],
                                           const int64_t (&hi)[2], T* pipe, float (&o)[DV / 8][4],
-                                          float (&lse2)[2]) {
+                                          float (&lse2)[2], Clock& clk) {
   using Sh = PfShape<DK, DV>;
   constexpr int kTile = Sh::kTile;
   const int tig = threadIdx.x % 4;
@@ -429,10 +485,12 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
     issue(it + 1);
     cp_async_wait<1>();
     ring.ready();
+    clk.mark(kPfP1Wait);
     const int stage = static_cast<int>(it & 1);
     const int64_t j0 = k0 + it * kTile;
     float s[8][4];
     ring.logits(qa, stage, s);
+    clk.mark(kPfP1Logits);
     // Most tiles hold only keys every row of the warp sees: no per-key range test there. Else
     // the rows' ranges relative to the tile, as small ints.
     const bool full = __all_sync(
@@ -465,7 +523,7 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
       const float n = fmaxf(m[k], mx[k] * scale2);
-      c[k] = exp2f(m[k] - n);
+      c[k] = exp2_ftz(m[k] - n);
       m[k] = n;
     }
     float sum[2] = {0.f, 0.f};
@@ -474,7 +532,7 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         // Scaled logit minus the running max in one FFMA; masked keys: exp2(-inf) = 0.
-        s[nt][e] = exp2f(fmaf(s[nt][e], scale2, -m[e >> 1]));
+        s[nt][e] = exp2_ftz(fmaf(s[nt][e], scale2, -m[e >> 1]));
         sum[e >> 1] += s[nt][e];
       }
     }
@@ -487,8 +545,11 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
       o[nd][2] *= c[1];
       o[nd][3] *= c[1];
     }
+    clk.mark(kPfP1Softmax);
     ring.accumulate(s, stage, o);
+    clk.mark(kPfP1Pv);
     __syncthreads();  // the stage is refilled by the next iteration's issue
+    clk.mark(kPfP1Barrier);
   }
   cp_async_wait<0>();
 #pragma unroll
@@ -592,11 +653,14 @@ __device__ __forceinline__ bool pf_tile_needs(const StepParams& p, const PfRows&
   return __syncthreads_or(need) != 0;
 }
 
-template <typename T, int DK, int DV, int W>
+// kClock: the phase clocks (PfClock), window kernel entries at p.stamps + kPfPhases.
+template <typename T, int DK, int DV, int W, bool kClock = false>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     nsa_prefill_win_kernel(const __grid_constant__ StepParams p) {
   using Wp = PfWarps<W>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ long long clk_acc[kClock ? kPfPhases : 1];
+  PfClock<kClock> clk(clk_acc);
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
   if (p.w <= 0 || !pf_tile_needs(p, rw, g, 2)) return;
@@ -614,12 +678,16 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
   const T* K = static_cast<const T*>(p.k_win) + cache_at(p, b, g, 0, DK, p.cap);
   const T* V = static_cast<const T*>(p.v_win) + cache_at(p, b, g, 0, DV, p.cap);
   float o[DV / 8][4], lse2[2];
+  clk.mark(kPfSetup);
   pf_attend<T, DK, DV, Wp::kThreads>(p, qa.op(), K, V, k0, k1, lo, hi,
-                                     reinterpret_cast<T*>(smem_raw), o, lse2);
+                                     reinterpret_cast<T*>(smem_raw), o, lse2, clk);
   pf_store<DV>(p, rw, g, p.n_cmp_splits, o, lse2);
+  clk.mark(kPfP1Store);
+  clk.flush(p.stamps + kPfPhases);
 }
 
-template <typename T, int DK, int DV, int W>
+// kClock: the phase clocks (PfClock), cmp kernel entries at p.stamps.
+template <typename T, int DK, int DV, int W, bool kClock = false>
 __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     nsa_prefill_cmp_kernel(const __grid_constant__ StepParams p, int64_t nb_max) {
   using Sh = PfShape<DK, DV>;
@@ -627,6 +695,8 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
   constexpr int kTile = Sh::kTile;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int32_t chosen[W][Wp::kMaxChosen];
+  __shared__ long long clk_acc[kClock ? kPfPhases : 1];
+  PfClock<kClock> clk(clk_acc);
   const int64_t g = blockIdx.y;
   const PfRows rw = pf_rows<Wp::kRows>(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tig = lane % 4;
@@ -649,11 +719,13 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
   PfQOperand<T, DK, DV, Wp::kThreads> qa;
   qa.load(p, rw, g, pipe);
   float lse2[2] = {-INFINITY, -INFINITY};
+  clk.mark(kPfSetup);
   if (need_cmp && k1 > 0) {
     float o[DV / 8][4];
-    pf_attend<T, DK, DV, Wp::kThreads>(p, qa.op(), K, V, 0, k1, lo, hi, pipe, o, lse2);
+    pf_attend<T, DK, DV, Wp::kThreads>(p, qa.op(), K, V, 0, k1, lo, hi, pipe, o, lse2, clk);
     pf_store<DV>(p, rw, g, 0, o, lse2);
   }
+  clk.mark(kPfP1Store);
   for (int64_t i = threadIdx.x; i < rw.qt * nb_max && need_sel; i += blockDim.x) scores[i] = 0.f;
   if (need_sel && k1 > 0) {
     // Pass 2: p_cmp with the final log-sum-exp, summed over each query's heads, spread over the
@@ -661,6 +733,9 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     const float scale2 = p.scale * 1.4426950408889634f;
     const int64_t n_tiles = (k1 + kTile - 1) / kTile;
     const PfRing<T, DK, DV, Wp::kThreads> ring(pipe);
+    const int spread_d = static_cast<int>(p.d), spread_r = static_cast<int>(p.l_sel / p.d);
+    const int spread_a = static_cast<int>(p.l / p.d);
+    const float inv_l = 1.f / static_cast<float>(p.l);
     auto issue = [&](int64_t it) {
       if (it < n_tiles) {
         const int64_t j0 = it * kTile;
@@ -674,21 +749,38 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
       issue(it + 1);
       cp_async_wait<1>();
       ring.ready();
+      clk.mark(kPfP2Wait);
       const int64_t j0 = it * kTile;
       float* stage = stages + (it & 1) * rw.qt * kTile;
       float s[8][4];
       ring.logits(qa.op(), static_cast<int>(it & 1), s);
-      // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0).
+      clk.mark(kPfP2Logits);
+      // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0). Most
+      // tiles lie inside every row's range of the warp: no per-key test there.
       float pc[2][16];
+      if (__all_sync(0xffffffffu, j0 + kTile <= hi[0] && j0 + kTile <= hi[1])) {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int lim = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
+        for (int k = 0; k < 2; ++k) {
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+          for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int col = nt * 8 + tig * 2 + c;
-            pc[k][2 * nt + c] = col < lim ? exp2f(fmaf(s[nt][2 * k + c], scale2, -lse2[k])) : 0.f;
+            for (int c = 0; c < 2; ++c) {
+              pc[k][2 * nt + c] = exp2_ftz(fmaf(s[nt][2 * k + c], scale2, -lse2[k]));
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int lim = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int col = nt * 8 + tig * 2 + c;
+              pc[k][2 * nt + c] =
+                  col < lim ? exp2_ftz(fmaf(s[nt][2 * k + c], scale2, -lse2[k])) : 0.f;
+            }
           }
         }
       }
@@ -709,29 +801,34 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
           pf_head_sums<0, false>(pc, rw, stage);
           break;
       }
+      clk.mark(kPfP2Exp);
       __syncthreads();
-      // Block j gets the tile's keys i it overlaps, weighted by overlap / l. One thread per
-      // (query, block) pair of the tile, so the sums are in a fixed order.
+      clk.mark(kPfP2Barrier);
+      // Block jb gets the tile's tokens i it overlaps, weighted by overlap / l. SPEC's l % d == 0
+      // and l_sel % d == 0 make that a fixed pattern: with r = l_sel / d and a = l / d, block jb
+      // overlaps tokens jb r + u for u in [1 - a, r), by min(u + a, r) - max(u, 0) strides of d.
+      // One warp per query, one lane per block: no divisions, and each sum in token order.
       // 32-bit positions: the cache limit (select_smem_bytes) keeps them below 2^22.
-      const int l = static_cast<int>(p.l), d = static_cast<int>(p.d);
-      const int l_sel = static_cast<int>(p.l_sel), nb = static_cast<int>(nb_max);
       const int i0 = static_cast<int>(j0), nk = static_cast<int>(min(int64_t{kTile}, k1 - j0));
-      const int jb0 = i0 * d / l_sel;
-      const int jb1 = min(nb - 1, ((i0 + nk - 1) * d + l - 1) / l_sel);
-      const int nbt = jb1 - jb0 + 1;
-      const float inv_l = 1.f / static_cast<float>(l);
-      for (int idx = threadIdx.x; idx < rw.qt * nbt; idx += blockDim.x) {
-        const int qi = idx / nbt, jb = jb0 + idx % nbt;
-        const int lo_num = jb * l_sel - l + 1;
-        const int i_lo = max(i0, lo_num <= 0 ? 0 : (lo_num + d - 1) / d);
-        const int i_hi = min(i0 + nk - 1, ((jb + 1) * l_sel - 1) / d);
-        float sc = 0.f;
-        for (int i = i_lo; i <= i_hi; ++i) {
-          const int ov = min(i * d + l, (jb + 1) * l_sel) - max(i * d, jb * l_sel);
-          sc += stage[qi * kTile + (i - i0)] * (static_cast<float>(ov) * inv_l);
+      const int jb0 = i0 / spread_r;
+      const int jb1 = min(static_cast<int>(nb_max) - 1, (i0 + nk - 1 + spread_a - 1) / spread_r);
+      for (int qi = warp; qi < rw.n_valid; qi += W) {
+        const float* st = stage + qi * kTile;
+        float* sq = scores + qi * nb_max;
+        for (int jb = jb0 + lane; jb <= jb1; jb += 32) {
+          const int base = jb * spread_r - i0;  // stage index of token jb r
+          float sc = 0.f;
+          for (int u = 1 - spread_a; u < spread_r; ++u) {
+            const int at = base + u;
+            if (at >= 0 && at < nk) {
+              const int ov = (min(u + spread_a, spread_r) - max(u, 0)) * spread_d;
+              sc += st[at] * (static_cast<float>(ov) * inv_l);
+            }
+          }
+          sq[jb] += sc;
         }
-        scores[qi * nb + jb] += sc;
       }
+      clk.mark(kPfP2Spread);
       // No barrier here: the next tile writes the other stage, its ring refill targets the
       // stage every warp finished reading before the barrier above, and its own two barriers
       // come before the next spread (which may update the same boundary block's score) and
@@ -740,6 +837,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     cp_async_wait<0>();
   }
   __syncthreads();
+  clk.mark(kPfP2Barrier);
   // Top-n per query, one warp per query: forced blocks (0, current, previous), then the `take`
   // largest keys (score, then lower index; see rank_key) by repeated warp-wide maxima. Block j
   // belongs to lane j % 32, which keeps the best key of its blocks and rescans only when its
@@ -816,6 +914,8 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
     }
     __syncwarp();  // chosen[warp] is reused by the warp's next query
   }
+  clk.mark(kPfTopN);
+  clk.flush(p.stamps);
 }
 
 }  // namespace nsa::cuda
