@@ -812,20 +812,47 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
       const int i0 = static_cast<int>(j0), nk = static_cast<int>(min(int64_t{kTile}, k1 - j0));
       const int jb0 = i0 / spread_r;
       const int jb1 = min(static_cast<int>(nb_max) - 1, (i0 + nk - 1 + spread_a - 1) / spread_r);
-      for (int qi = warp; qi < rw.n_valid; qi += W) {
-        const float* st = stage + qi * kTile;
-        float* sq = scores + qi * nb_max;
-        for (int jb = jb0 + lane; jb <= jb1; jb += 32) {
-          const int base = jb * spread_r - i0;  // stage index of token jb r
-          float sc = 0.f;
-          for (int u = 1 - spread_a; u < spread_r; ++u) {
-            const int at = base + u;
-            if (at >= 0 && at < nk) {
-              const int ov = (min(u + spread_a, spread_r) - max(u, 0)) * spread_d;
-              sc += st[at] * (static_cast<float>(ov) * inv_l);
-            }
+      if (spread_r == 4 && spread_a == 2) {
+        // The default pattern (l 32, d 16, l_sel 64): a 64-token tile touches at most 17 blocks,
+        // one per lane; lane k's block jb0 + k has tokens 4 k .. 4 k + 3 of the tile (i0 is a
+        // multiple of 64) and the one before, lane k - 1's last. One 16-byte load per lane
+        // (no bank conflicts) and a shuffle; entries at or past nk are 0 (the head sums wrote
+        // p_cmp 0 there), so only the tile's row end needs a test. Same sums, same order.
+        const int base = 4 * lane;
+        const float w_edge = static_cast<float>(spread_d) * inv_l;
+        const float w_mid = static_cast<float>(2 * spread_d) * inv_l;
+        for (int qi = warp; qi < rw.n_valid; qi += W) {
+          const float4 v = base < kTile
+                               ? *reinterpret_cast<const float4*>(stage + qi * kTile + base)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+          float prev = __shfl_up_sync(0xffffffffu, v.w, 1);
+          if (lane == 0) prev = 0.f;  // token i0 - 1 belongs to the previous tile
+          if (jb0 + lane <= jb1) {
+            float sc = 0.f;
+            sc += prev * w_edge;
+            sc += v.x * w_mid;
+            sc += v.y * w_mid;
+            sc += v.z * w_mid;
+            sc += v.w * w_edge;
+            scores[qi * nb_max + jb0 + lane] += sc;
           }
-          sq[jb] += sc;
+        }
+      } else {
+        for (int qi = warp; qi < rw.n_valid; qi += W) {
+          const float* st = stage + qi * kTile;
+          float* sq = scores + qi * nb_max;
+          for (int jb = jb0 + lane; jb <= jb1; jb += 32) {
+            const int base = jb * spread_r - i0;  // stage index of token jb r
+            float sc = 0.f;
+            for (int u = 1 - spread_a; u < spread_r; ++u) {
+              const int at = base + u;
+              if (at >= 0 && at < nk) {
+                const int ov = (min(u + spread_a, spread_r) - max(u, 0)) * spread_d;
+                sc += st[at] * (static_cast<float>(ov) * inv_l);
+              }
+            }
+            sq[jb] += sc;
+          }
         }
       }
       clk.mark(kPfP2Spread);
