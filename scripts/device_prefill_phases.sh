@@ -12,11 +12,7 @@ T_LIST=${1:-16384,65536}
 log() { echo "== $* [$(date +%T)]" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
 log "build"
-cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DNSA_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="90a;80" > build-dev.log 2>&1 &&
-  cmake --build build-dev -j 16 >> build-dev.log 2>&1 || { tail -40 build-dev.log | tee -a "$OUT/summary.txt"; exit 1; }
-NSA=./build-dev/nsa
-$NSA info | tee -a "$OUT/summary.txt"
+. "$(dirname "$0")/device_build.sh"
 log "tiled-prefill GPU tests"
 ./build-dev/tests/nsa_tests --gtest_filter='Cuda.TiledPrefill*:Cuda.PrefillWarps*:Cuda.PrefillThenDecode*' 2>&1 |
   grep -E "^\[  (FAILED|PASSED) |^\[       OK|Failure|error" | tee -a "$OUT/summary.txt"

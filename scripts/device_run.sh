@@ -23,11 +23,7 @@ log() { echo "== $* [$(date +%T)]" | tee -a "$OUT/summary.txt"; }
 # and the benchmark CSVs.
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
 log "build"
-cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DNSA_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="90a;80" > build-dev.log 2>&1 &&
-  cmake --build build-dev -j 16 >> build-dev.log 2>&1 || { tail -40 build-dev.log | tee -a "$OUT/summary.txt"; exit 1; }
-NSA=./build-dev/nsa
-$NSA info | tee -a "$OUT/summary.txt"
+. "$(dirname "$0")/device_build.sh"
 
 log "tests (all suites, GPU included)"
 (cd build-dev && ctest -j 8 --timeout 300 --output-on-failure > "$OUT/tests.log" 2>&1); echo "ctest rc=$?" | tee -a "$OUT/summary.txt"

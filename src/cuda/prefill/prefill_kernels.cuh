@@ -318,23 +318,22 @@ struct PfRing {
   // The Q tiles of the wgmma path with W > 8 (load_q_sw128): after the ring, 1024-aligned.
   __device__ T* q_tiles() const { return base + 2 * kKStage + 2 * kVStage; }
 
-  __device__ void load_k(int stage, const T* src, int nk) const {
+  // A tile of nk rows of kW elements into dst (padded rows of kLd elements off the wgmma path).
+  template <int kW, int kLd>
+  __device__ void load_rows(T* dst, const T* src, int nk) const {
     if constexpr (kWg) {
-      copy_rows_sw128<DK, NT>(k(stage), src, nk);
+      copy_rows_sw128<kW, NT>(dst, src, nk);
     } else if constexpr (NT <= 256) {
-      copy_rows_async<DK, Sh::kLdK, NT>(k(stage), src, nk);
+      copy_rows_async<kW, kLd, NT>(dst, src, nk);
     } else {
       __trap();  // never launched: more than 8 warps only on the wgmma path
     }
   }
+  __device__ void load_k(int stage, const T* src, int nk) const {
+    load_rows<DK, Sh::kLdK>(k(stage), src, nk);
+  }
   __device__ void load_v(int stage, const T* src, int nk) const {
-    if constexpr (kWg) {
-      copy_rows_sw128<DV, NT>(v(stage), src, nk);
-    } else if constexpr (NT <= 256) {
-      copy_rows_async<DV, Sh::kLdV, NT>(v(stage), src, nk);
-    } else {
-      __trap();  // never launched: more than 8 warps only on the wgmma path
-    }
+    load_rows<DV, Sh::kLdV>(v(stage), src, nk);
   }
 
   // After cp_async_wait: the stage's copies are visible to every thread and to wgmma.
