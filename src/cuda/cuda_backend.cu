@@ -324,6 +324,7 @@ class CudaBackend final : public Backend {
   bool wgmma_ = false;           // the device runs the sm_90a code (compute capability 9.0)
   int prefill_warps_ = 4;        // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
   size_t smem_per_sm_ = 0;       // shared memory per multiprocessor
+  size_t smem_reserved_ = 0;     // of it, what the runtime reserves per block
   int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
   bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   bool phase_clocks_ = false;    // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
@@ -373,6 +374,10 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device_));
   smem_per_sm_ = static_cast<size_t>(per_sm);
+  int reserved = 0;
+  NSA_CUDA_CHECK(
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device_));
+  smem_reserved_ = static_cast<size_t>(reserved);
   // Off by default: measured no gain (docs/perf-cuda-decode.md); NSA_CUDA_PDL=1 turns it on.
   const char* pdl_env = std::getenv("NSA_CUDA_PDL");
   pdl_ = major >= 9 && pdl_env != nullptr && std::string_view(pdl_env) == "1";
@@ -872,19 +877,17 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels
 // two blocks per SM (measured faster than 8 on the wgmma path, docs/perf-cuda-prefill.md), 12
 // three warpgroups with Q in shared memory (measured no faster than 8).
 // `stages`: the key ring of the selected pass (2 or 3).
+template <typename T, int W>
+bool pick_prefill_wgmma(int64_t dk, int64_t dv, int stages, PrefillKernels& k) {
+  return pick_prefill<T, 128, 128, W>(dk, dv, stages, true, k) ||
+         pick_prefill<T, 192, 128, W>(dk, dv, stages, true, k);
+}
+
 template <typename T>
 PrefillKernels prefill_kernels(int64_t dk, int64_t dv, int stages, bool wgmma, int warps) {
   PrefillKernels k;
-  if (warps == 12 && wgmma &&
-      (pick_prefill<T, 128, 128, 12>(dk, dv, stages, wgmma, k) ||
-       pick_prefill<T, 192, 128, 12>(dk, dv, stages, wgmma, k))) {
-    return k;
-  }
-  if (warps == 4 && wgmma &&
-      (pick_prefill<T, 128, 128, 4>(dk, dv, stages, wgmma, k) ||
-       pick_prefill<T, 192, 128, 4>(dk, dv, stages, wgmma, k))) {
-    return k;
-  }
+  if (wgmma && warps == 12 && pick_prefill_wgmma<T, 12>(dk, dv, stages, k)) return k;
+  if (wgmma && warps == 4 && pick_prefill_wgmma<T, 4>(dk, dv, stages, k)) return k;
   constexpr int W = 8;
   (void)(pick_prefill<T, 32, 32, W>(dk, dv, stages, wgmma, k) ||
          pick_prefill<T, 64, 64, W>(dk, dv, stages, wgmma, k) ||
@@ -908,8 +911,8 @@ template <typename T>
 PrefillKernels CudaBackend::prefill_set(int64_t nb_max) const {
   const int64_t h = c_.heads_per_group();
   size_t limit = dyn_smem_limit(SIZE_MAX, 0);  // the device's opt-in limit
-  // Two 4-warp blocks per SM, each with the 1 KiB the runtime reserves per block.
-  if (prefill_warps_ == 4) limit = std::min(limit, smem_per_sm_ / 2 - 1024);
+  // Two 4-warp blocks per SM, each with the shared memory the runtime reserves per block.
+  if (prefill_warps_ == 4) limit = std::min(limit, smem_per_sm_ / 2 - smem_reserved_);
   PrefillKernels k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, prefill_warps_);
   if (prefill_warps_ != 8 && !prefill_fits(k, h, nb_max, limit)) {
     k = prefill_kernels<T>(c_.dk, c_.dv, tc_stages_, wgmma_, 8);
@@ -1122,10 +1125,9 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
 void CudaBackend::print_phase_clocks(const DeviceBuffer& clocks, int64_t T) const {
   std::vector<long long> c(2 * cuda::kPfPhases);
   NSA_CUDA_CHECK(cudaMemcpy(c.data(), clocks.get(), clocks.bytes(), cudaMemcpyDeviceToHost));
-  static constexpr const char* kNames[cuda::kPfBlocks] = {
-      "setup",      "p1_wait",   "p1_logits", "p1_softmax", "p1_pv",
-      "p1_barrier", "p1_store",  "p2_wait",   "p2_logits",  "p2_exp",
-      "p2_barrier", "p2_spread", "topn",      "-",          "-"};
+  static constexpr const char* kNames[cuda::kPfTopN + 1] = {
+      "setup",   "p1_wait",   "p1_logits", "p1_softmax", "p1_pv",     "p1_barrier", "p1_store",
+      "p2_wait", "p2_logits", "p2_exp",    "p2_barrier", "p2_spread", "topn"};
   for (int k = 0; k < 2; ++k) {
     const long long* v = c.data() + k * cuda::kPfPhases;
     const long long blocks = v[cuda::kPfBlocks];
@@ -1137,9 +1139,9 @@ void CudaBackend::print_phase_clocks(const DeviceBuffer& clocks, int64_t T) cons
       continue;
     }
     long long total = 0;
-    for (int i = 0; i < cuda::kPfBlocks; ++i) total += v[i];
+    for (int i = 0; i <= cuda::kPfTopN; ++i) total += v[i];
     std::string line;
-    for (int i = 0; i < cuda::kPfBlocks; ++i) {
+    for (int i = 0; i <= cuda::kPfTopN; ++i) {
       if (v[i] == 0) continue;
       line += fmt::format(" {} {:.0f} ({:.1f}%)", kNames[i], static_cast<double>(v[i]) / blocks,
                           100.0 * static_cast<double>(v[i]) / static_cast<double>(total));

@@ -16,15 +16,18 @@
 // group) per block, the h heads as MMA rows) and the step's LSE combine and gate.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/common/wgmma.cuh"
 #include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/select_kernels.cuh"
 
 namespace nsa::cuda {
 
-// Warps per block: the backend instantiates W = 8 (128 rows; W = 4 measured slower), and W = 12
-// (192 rows, three warpgroups) for the wgmma path (NSA_CUDA_PREFILL_WARPS=12), where Q is a
-// shared-memory operand so that 12 warps fit the registers.
+// Warps per block: the backend instantiates W = 8 (128 rows), and on the wgmma path W = 4 (64
+// rows, two blocks per SM: the default there) and W = 12 (192 rows, three warpgroups,
+// NSA_CUDA_PREFILL_WARPS=12), where Q is a shared-memory operand so that 12 warps fit the
+// registers.
 template <int W>
 struct PfWarps {
   static constexpr int kWarps = W, kThreads = 32 * W, kRows = 16 * W;
@@ -757,18 +760,7 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
       // p_cmp of this thread's two rows and 16 keys (keys at or past a row's end: 0). Most
       // tiles lie inside every row's range of the warp: no per-key test there.
       float pc[2][16];
-      if (__all_sync(0xffffffffu, j0 + kTile <= hi[0] && j0 + kTile <= hi[1])) {
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              pc[k][2 * nt + c] = exp2_ftz(fmaf(s[nt][2 * k + c], scale2, -lse2[k]));
-            }
-          }
-        }
-      } else {
+      auto p_cmp = [&](auto masked) {
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const int lim = static_cast<int>(min(max(hi[k] - j0, int64_t{0}), int64_t{kTile}));
@@ -777,11 +769,17 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               const int col = nt * 8 + tig * 2 + c;
-              pc[k][2 * nt + c] =
-                  col < lim ? exp2_ftz(fmaf(s[nt][2 * k + c], scale2, -lse2[k])) : 0.f;
+              pc[k][2 * nt + c] = !decltype(masked)::value || col < lim
+                                      ? exp2_ftz(fmaf(s[nt][2 * k + c], scale2, -lse2[k]))
+                                      : 0.f;
             }
           }
         }
+      };
+      if (__all_sync(0xffffffffu, j0 + kTile <= hi[0] && j0 + kTile <= hi[1])) {
+        p_cmp(std::false_type{});
+      } else {
+        p_cmp(std::true_type{});
       }
       switch (h) {  // h divides 16 (checked when the backend is built)
         case 16:
