@@ -378,6 +378,7 @@ TEST(Cuda, PrefillWarpsKnobIsChecked) {
   REQUIRE_GPU();
   expect_knob_rejected("NSA_CUDA_PREFILL_WARPS", "16", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_KERNEL_TIMES", "3", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_SEL_FORCED", "both", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -396,6 +397,13 @@ TEST(Cuda, TiledPrefillSmall) {
   check_case({2, 2, 32, 32, 2, 150, 2, DType::kF16});  // h = 1: 128 queries per tile
   for (const char* w : {"12", "8"}) {  // 12- and 8-warp blocks (the wgmma path's default: 4)
     const ScopedEnv warps("NSA_CUDA_PREFILL_WARPS", w);
+    const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
+    check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
+  {
+    // The selected pass gathering the forced blocks too (NSA_CUDA_SEL_FORCED=gather; the default
+    // attends to them apart, by tiles of queries).
+    const ScopedEnv gather("NSA_CUDA_SEL_FORCED", "gather");
     const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
     check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
   }

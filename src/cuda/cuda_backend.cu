@@ -319,15 +319,16 @@ class CudaBackend final : public Backend {
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
   int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
-  bool sel_group_major_ = true;  // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
-  bool prefill_rows_ = false;    // NSA_CUDA_PREFILL=rows: prefill through the step kernels
-  bool wgmma_ = false;           // the device runs the sm_90a code (compute capability 9.0)
-  int prefill_warps_ = 4;        // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
-  size_t smem_per_sm_ = 0;       // shared memory per multiprocessor
-  size_t smem_reserved_ = 0;     // of it, what the runtime reserves per block
-  int64_t prefill_chunk_ = 0;    // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
-  bool kernel_times_ = false;    // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
-  bool phase_clocks_ = false;    // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
+  bool sel_group_major_ = true;   // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
+  bool sel_forced_apart_ = true;  // NSA_CUDA_SEL_FORCED=gather: the tiled sel pass gathers all
+  bool prefill_rows_ = false;     // NSA_CUDA_PREFILL=rows: prefill through the step kernels
+  bool wgmma_ = false;            // the device runs the sm_90a code (compute capability 9.0)
+  int prefill_warps_ = 4;         // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
+  size_t smem_per_sm_ = 0;        // shared memory per multiprocessor
+  size_t smem_reserved_ = 0;      // of it, what the runtime reserves per block
+  int64_t prefill_chunk_ = 0;     // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  bool kernel_times_ = false;     // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
+  bool phase_clocks_ = false;     // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
@@ -402,6 +403,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(std::string_view(order) == "rows" || std::string_view(order) == "groups",
               "NSA_CUDA_SEL_ORDER: value '{}' is not valid; allowed: rows, groups", order);
     sel_group_major_ = std::string_view(order) == "groups";
+  }
+  if (const char* forced = std::getenv("NSA_CUDA_SEL_FORCED"); forced != nullptr) {
+    const std::string_view v(forced);
+    NSA_CHECK(v == "apart" || v == "gather",
+              "NSA_CUDA_SEL_FORCED: value '{}' is not valid; allowed: apart, gather", forced);
+    sel_forced_apart_ = v == "apart";
   }
   if (const char* chunk = std::getenv("NSA_CUDA_PREFILL_CHUNK"); chunk != nullptr) {
     prefill_chunk_ = std::atoll(chunk);
@@ -670,6 +677,7 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.n_sel_splits = 1;
     p.sel_fused = 1;
     p.sel_group_major = sel_group_major_ ? 1 : 0;
+    p.sel_forced_apart = sel_forced_apart_ ? 1 : 0;
     p.len_out = nullptr;
     p.advance = 0;
   } else if (T == 1 && fused_decode(cache)) {
@@ -837,6 +845,7 @@ using PfWinKernel = void (*)(StepParams);
 struct PrefillKernels {
   PfCmpKernel cmp = nullptr;
   PfWinKernel win = nullptr;
+  PfWinKernel fsel = nullptr;  // the forced blocks of the selected branch (p.sel_forced_apart)
   // The same with phase clocks (NSA_CUDA_KERNEL_TIMES=2), where instantiated: the paper's head
   // dims (192 / 128) in the default 4-warp blocks of the wgmma path; else null.
   PfCmpKernel cmp_clock = nullptr;
@@ -853,6 +862,7 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels
   if (dk != DK || dv != DV) return false;
   k.cmp = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W>;
   k.win = cuda::nsa_prefill_win_kernel<T, DK, DV, W>;
+  k.fsel = cuda::nsa_prefill_fsel_kernel<T, DK, DV, W>;
   if constexpr (DK == 192 && DV == 128 && W == 4) {
     k.cmp_clock = cuda::nsa_prefill_cmp_kernel<T, DK, DV, W, true>;
     k.win_clock = cuda::nsa_prefill_win_kernel<T, DK, DV, W, true>;
@@ -949,6 +959,10 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
          k.pipe_smem + cuda::prefill_score_smem(k.rows, p.h, nb_max), p, nb_max);
   launch("prefill_win", clocks ? k.win_clock : k.win, dim3(tiles, G),
          dim3(static_cast<unsigned>(k.threads)), k.pipe_smem, p);
+  if (p.sel_forced_apart) {
+    launch("prefill_fsel", k.fsel, dim3(tiles, G), dim3(static_cast<unsigned>(k.threads)),
+           k.pipe_smem, p);
+  }
   // The selected blocks, and the gated output of all three branches (p.sel_fused).
   launch("attn_sel_out", k.sel, dim3(RG), dim3(128), k.sel_smem, p, 1);
 }

@@ -31,7 +31,8 @@ struct TcShape {
   static constexpr size_t kSmemBytes = kMainBytes + 64 * sizeof(int32_t);  // + selected blocks
   // The tiled prefill's selected pass (p.sel_fused) also holds the row's compressed and window
   // partials (h <= 16 heads), copied in while the tiles stream.
-  static constexpr size_t kFusedSmemBytes = kSmemBytes + 2 * 16 * size_t{DV} * sizeof(float);
+  // and, with the forced blocks apart (p.sel_forced_apart), their partial: [3][16][DV] floats.
+  static constexpr size_t kFusedSmemBytes = kSmemBytes + 3 * 16 * size_t{DV} * sizeof(float);
   static_assert(VS == KS || VS == KS - 1, "the value ring is as deep as the key ring or one less");
   static_assert(DK % 16 == 0 && DV % 16 == 0, "head dims must be multiples of 16");
 };
@@ -153,10 +154,44 @@ __device__ __forceinline__ FusedRow fused_row(const StepParams& p, int64_t rg) {
   return f;
 }
 
-// The compressed (branch 0) or window (branch 2) partial of a (row, group): h x dv floats.
+// The compressed (branch 0), window (branch 2) or forced-block (branch 1, p.sel_forced_apart)
+// partial of a (row, group): h x dv floats; part_m at the same slot holds its log-sum-exp.
+__device__ __forceinline__ int64_t fused_slot(const StepParams& p, int64_t rg, int branch) {
+  const int64_t slot = branch == 0   ? 0
+                       : branch == 2 ? p.n_cmp_splits
+                                     : p.n_cmp_splits + p.n_win_splits;
+  return rg * n_splits_total(p) + slot;
+}
 __device__ __forceinline__ const float* fused_partial(const StepParams& p, int64_t rg, int branch) {
-  const int64_t slot = branch == 0 ? 0 : p.n_cmp_splits;
-  return p.part_o + (rg * n_splits_total(p) + slot) * p.h * p.dv;
+  return p.part_o + fused_slot(p, rg, branch) * p.h * p.dv;
+}
+
+// The tiled prefill with the forced blocks apart: stages the row's selected blocks without the
+// forced ones (0, the current and the previous block of position t, which
+// nsa_prefill_fsel_kernel attends to), in order, and makes the split their tokens: every other
+// selected block is complete. Warp 0 compacts the n_sel <= 64 entries by ballots.
+__device__ __forceinline__ void stage_unforced_blocks(const StepParams& p, Split& sp, int64_t t,
+                                                      int32_t* blocks_s) {
+  __shared__ int n_kept;
+  if (threadIdx.x < 32) {
+    const int lane = static_cast<int>(threadIdx.x);
+    const int64_t cur = div32(t, p.l_sel);
+    auto kept = [&](int i, int32_t& v) {
+      v = i < p.n_sel ? sp.blocks[i] : -1;
+      return v > 0 && v != cur && v != cur - 1;
+    };
+    int32_t v0, v1;
+    const bool k0 = kept(lane, v0), k1 = kept(lane + 32, v1);
+    const unsigned m0 = __ballot_sync(0xffffffffu, k0), m1 = __ballot_sync(0xffffffffu, k1);
+    const unsigned below = (1u << lane) - 1u;
+    if (k0) blocks_s[__popc(m0 & below)] = v0;
+    if (k1) blocks_s[__popc(m0) + __popc(m1 & below)] = v1;
+    if (lane == 0) n_kept = __popc(m0) + __popc(m1);
+  }
+  __syncthreads();
+  sp.blocks = blocks_s;
+  sp.start = 0;
+  sp.n = static_cast<int64_t>(n_kept) * p.l_sel;
 }
 
 // The gated output of all three branches for element idx = head * dv + e of a (row, group);
@@ -200,7 +235,16 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   }
   T* pipe = reinterpret_cast<T*>(smem_raw);
   int32_t* blocks_s = reinterpret_cast<int32_t*>(smem_raw + Sh::kMainBytes);
-  stage_blocks(p, sp, blocks_s);
+  const bool forced_apart = p.sel_fused && p.sel_forced_apart && sp.branch == 1;
+  if (forced_apart) {
+    stage_unforced_blocks(p, sp, row_info(p, sp.r).t, blocks_s);
+  } else {
+    stage_blocks(p, sp, blocks_s);
+  }
+  // The forced blocks' log-sum-exp of head threadIdx.x (natural log; -FLT_MAX: no keys).
+  const float m_forced = forced_apart && threadIdx.x < p.h
+                             ? p.part_m[fused_slot(p, sp.rg, 1) * p.h + threadIdx.x]
+                             : -FLT_MAX;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int h = static_cast<int>(p.h);
   const T* K = static_cast<const T*>(sp.K);
@@ -228,13 +272,15 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   };
   // The prefill's selected pass: the row's compressed and window partials go to shared memory
   // with the first tiles' copies, so the output epilogue does not wait on device memory.
-  float* partials_s = reinterpret_cast<float*>(smem_raw + Sh::kSmemBytes);  // [2][h * DV]
+  float* partials_s = reinterpret_cast<float*>(smem_raw + Sh::kSmemBytes);  // [3][h * DV]
   if (p.sel_fused) {
     const float* pc = fused_partial(p, sp.rg, 0);
     const float* pw = fused_partial(p, sp.rg, 2);
+    const float* pf = fused_partial(p, sp.rg, 1);
     for (int i = threadIdx.x * 4; i < h * DV; i += blockDim.x * 4) {
       cp_async16(smem_addr(partials_s + i), pc + i, true);
       cp_async16(smem_addr(partials_s + h * DV + i), pw + i, true);
+      if (forced_apart) cp_async16(smem_addr(partials_s + 2 * h * DV + i), pf + i, true);
     }
   }
   for (int g = 0; g < Sh::kKS - 1; ++g) issue_group(g);
@@ -367,12 +413,23 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
         make_float2(o[nd][2] * f1, o[nd][3] * f1);
   }
   __syncthreads();
-  __shared__ float inv_l[16];
+  // Per head: the factor of the gathered sum (1 / L), and with the forced blocks apart the
+  // log-sum-exp merge with their normalised partial: weights 2^(M - M') and 2^(mf - M') over the
+  // merged sum L 2^(M - M') + 2^(mf - M').
+  __shared__ float inv_l[16], w_forced[16];
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     float M = -FLT_MAX, L = 0.f;
     for (int w = 0; w < Sh::kWarps; ++w) M = fmaxf(M, red_m[w * 16 + i]);
     for (int w = 0; w < Sh::kWarps; ++w) L += red_l[w * 16 + i] * exp2f(red_m[w * 16 + i] - M);
-    if (p.sel_fused) {
+    if (p.sel_fused && forced_apart) {
+      const float mf = m_forced > -FLT_MAX ? m_forced * 1.4426950408889634f : -FLT_MAX;
+      const float Mx = fmaxf(L > 0.f ? M : -FLT_MAX, mf);
+      const float wa = L > 0.f ? exp2f(M - Mx) : 0.f;
+      const float wf = mf > -FLT_MAX ? exp2f(mf - Mx) : 0.f;
+      const float den = L * wa + wf;
+      inv_l[i] = den > 0.f ? wa / den : 0.f;
+      w_forced[i] = den > 0.f ? wf / den : 0.f;
+    } else if (p.sel_fused) {
       inv_l[i] = L > 0.f ? 1.f / L : 0.f;
     } else {
       store_partial(p, sp, i, M * 0.6931471805599453f, L);  // back to natural-log units
@@ -385,7 +442,9 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
       float a = 0.f;
 #pragma unroll
       for (int w = 0; w < Sh::kWarps; ++w) a += obuf[w * 16 * DV + i];
-      fused_output<T>(p, f, i, a * inv_l[i / DV], partials_s, partials_s + h * DV);
+      float o_sel = a * inv_l[i / DV];
+      if (forced_apart) o_sel += partials_s[2 * h * DV + i] * w_forced[i / DV];
+      fused_output<T>(p, f, i, o_sel, partials_s, partials_s + h * DV);
     }
     return;
   }

@@ -35,6 +35,10 @@ struct StepParams {
   // x / R, row x % R), so the blocks running at once gather from one group's K/V (42 MB at 64k,
   // which L2 holds) rather than from all groups'.
   int sel_group_major;
+  // 1 (tiled prefill, sel_fused): the forced blocks (0, the current and the previous) are
+  // attended apart, by tiles of queries (nsa_prefill_fsel_kernel, the sel partial slot); the sel
+  // pass gathers only the other selected blocks and merges that partial by log-sum-exp.
+  int sel_forced_apart;
 
   const int64_t* len;  // [1] tokens per sequence in the cache before this call
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)

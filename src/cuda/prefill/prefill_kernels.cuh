@@ -430,13 +430,13 @@ struct PfRing {
   }
 };
 
-// Pass 1 over keys [k0, k1) of K/V (rows of DK / DV elements from position 0): each row attends
-// to its own range [lo, hi) (rows that do not exist: [0, kNoRowEnd), their Q is zero and their
-// results are never stored). Leaves the row's output (normalised) in o and its log-sum-exp in
-// log2 units in lse2 (-inf for a row without keys).
-// The tile's Q as the A operand of S = Q K^T: fragments in registers (8 warps or fewer), or,
-// on the wgmma path with more warps, one swizzled shared-memory tile per warpgroup after the
-// K/V ring, which frees the fragments' DK / 4 registers per thread. Every thread calls load.
+// Pass 1 (pf_attend, pf_attend_ranges below) over keys [k0, k1) of K/V (rows of DK / DV
+// elements from position 0): each row attends to its own range [lo, hi) (rows that do not exist:
+// [0, kNoRowEnd), their Q is zero and their results are never stored). Leaves the row's output
+// (normalised) in o and its log-sum-exp in log2 units in lse2 (-inf for a row without keys). The
+// tile's Q as the A operand of S = Q K^T: fragments in registers (8 warps or fewer), or, on the
+// wgmma path with more warps, one swizzled shared-memory tile per warpgroup after the K/V ring,
+// which frees the fragments' DK / 4 registers per thread. Every thread calls load.
 template <typename T, int DK, int DV, int NT>
 struct PfQOperand {
   static constexpr bool kSmem = PfRing<T, DK, DV, NT>::kWg && NT > 256;
@@ -458,21 +458,42 @@ struct PfQOperand {
   __device__ const std::conditional_t<kSmem, uint32_t, Frags>& op() const { return q; }
 };
 
-// qa: Q as A fragments, or the shared address of this warpgroup's Q tile (PfRing::logits).
-template <typename T, int DK, int DV, int NT, typename Q, typename Clock>
-__device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, const T* K, const T* V,
-                                          int64_t k0, int64_t k1, const int64_t (&lo)[2],
-                                          const int64_t (&hi)[2], T* pipe, float (&o)[DV / 8][4],
-                                          float (&lse2)[2], Clock& clk) {
+// Keys [k0, k1) of K/V, and the keys [lo, hi) of them this thread's two rows see.
+struct PfKeys {
+  int64_t k0, k1;
+  int64_t lo[2], hi[2];
+};
+
+// The same over kN ranges of keys one after another (the forced blocks: kN = 2), with one
+// online softmax. qa: Q as A fragments, or the shared address of this warpgroup's Q tile
+// (PfRing::logits).
+template <typename T, int DK, int DV, int NT, int kN, typename Q, typename Clock>
+__device__ __forceinline__ void pf_attend_ranges(const StepParams& p, const Q& qa, const T* K,
+                                                 const T* V, const PfKeys (&ranges)[kN], T* pipe,
+                                                 float (&o)[DV / 8][4], float (&lse2)[2],
+                                                 Clock& clk) {
+  static_assert(kN == 1 || kN == 2, "one or two key ranges");
   using Sh = PfShape<DK, DV>;
   constexpr int kTile = Sh::kTile;
   const int tig = threadIdx.x % 4;
   const PfRing<T, DK, DV, NT> ring(pipe);
-  const int64_t n_tiles = k1 > k0 ? (k1 - k0 + kTile - 1) / kTile : 0;
+  auto tiles = [&](const PfKeys& r) {
+    return r.k1 > r.k0 ? (r.k1 - r.k0 + kTile - 1) / kTile : int64_t{0};
+  };
+  const int64_t n_first = tiles(ranges[0]);
+  const int64_t n_tiles = n_first + (kN > 1 ? tiles(ranges[kN - 1]) : 0);
+  // Tile it: its range and first key.
+  auto range_of = [&](int64_t it) -> const PfKeys& {
+    return kN > 1 && it >= n_first ? ranges[kN - 1] : ranges[0];
+  };
+  auto first_key = [&](int64_t it) {
+    return kN > 1 && it >= n_first ? ranges[kN - 1].k0 + (it - n_first) * kTile
+                                   : ranges[0].k0 + it * kTile;
+  };
   auto issue = [&](int64_t it) {
     if (it < n_tiles) {
-      const int64_t j0 = k0 + it * kTile;
-      const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - j0));
+      const int64_t j0 = first_key(it);
+      const int nk = static_cast<int>(min(static_cast<int64_t>(kTile), range_of(it).k1 - j0));
       ring.load_k(static_cast<int>(it & 1), K + j0 * DK, nk);
       ring.load_v(static_cast<int>(it & 1), V + j0 * DV, nk);
     }
@@ -489,7 +510,9 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
     ring.ready();
     clk.mark(kPfP1Wait);
     const int stage = static_cast<int>(it & 1);
-    const int64_t j0 = k0 + it * kTile;
+    const int64_t j0 = first_key(it);
+    const PfKeys& rk = range_of(it);
+    const int64_t lo[2] = {rk.lo[0], rk.lo[1]}, hi[2] = {rk.hi[0], rk.hi[1]};
     float s[8][4];
     ring.logits(qa, stage, s);
     clk.mark(kPfP1Logits);
@@ -568,6 +591,15 @@ __device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, cons
     o[nd][2] *= inv[1];
     o[nd][3] *= inv[1];
   }
+}
+
+template <typename T, int DK, int DV, int NT, typename Q, typename Clock>
+__device__ __forceinline__ void pf_attend(const StepParams& p, const Q& qa, const T* K, const T* V,
+                                          int64_t k0, int64_t k1, const int64_t (&lo)[2],
+                                          const int64_t (&hi)[2], T* pipe, float (&o)[DV / 8][4],
+                                          float (&lse2)[2], Clock& clk) {
+  const PfKeys r[1] = {{k0, k1, {lo[0], lo[1]}, {hi[0], hi[1]}}};
+  pf_attend_ranges<T, DK, DV, NT, 1>(p, qa, K, V, r, pipe, o, lse2, clk);
 }
 
 // Writes a row's branch result as the only partial of its branch (slot): m = log-sum-exp in
@@ -686,6 +718,45 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
   pf_store<DV>(p, rw, g, p.n_cmp_splits, o, lse2);
   clk.mark(kPfP1Store);
   clk.flush(p.stamps + kPfPhases);
+}
+
+// The forced blocks of the selected branch (p.sel_forced_apart): block 0, the previous and the
+// current block of each row, keys [0, min(l_sel, t + 1)) and [max(l_sel, (cur - 1) l_sel), t + 1)
+// with cur = t / l_sel (SPEC section 3, de-duplicated by starting the second range past block
+// 0). Rows of a tile share these blocks, so a tile of queries loads them once; the partial goes
+// to the sel slot, which the selected pass merges with its gather over the other blocks.
+template <typename T, int DK, int DV, int W>
+__global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
+    nsa_prefill_fsel_kernel(const __grid_constant__ StepParams p) {
+  using Wp = PfWarps<W>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int64_t g = blockIdx.y;
+  const PfRows rw = pf_rows<Wp::kRows>(p);
+  if (!pf_tile_needs(p, rw, g, 1)) return;
+  const int64_t b = (p.row0 + rw.r0) / p.T, ls = p.l_sel;
+  const int64_t t_first = rw.t0, t_last = rw.t0 + rw.n_valid - 1;
+  PfKeys r[2];
+  r[0].k0 = 0;
+  r[0].k1 = min(ls, t_last + 1);
+  r[1].k0 = max(ls, (t_first / ls - 1) * ls);
+  r[1].k1 = t_last + 1;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int64_t t = rw.t0 + rw.q[k];
+    r[0].lo[k] = 0;
+    r[0].hi[k] = rw.valid[k] ? min(ls, t + 1) : kNoRowEnd;
+    r[1].lo[k] = rw.valid[k] ? max(ls, (t / ls - 1) * ls) : 0;
+    r[1].hi[k] = rw.valid[k] ? t + 1 : kNoRowEnd;
+  }
+  PfQOperand<T, DK, DV, Wp::kThreads> qa;
+  qa.load(p, rw, g, reinterpret_cast<T*>(smem_raw));
+  const T* K = static_cast<const T*>(p.k_sel) + cache_at(p, b, g, 0, DK, p.cap);
+  const T* V = static_cast<const T*>(p.v_sel) + cache_at(p, b, g, 0, DV, p.cap);
+  float o[DV / 8][4], lse2[2];
+  PfClock<false> clk(nullptr);
+  pf_attend_ranges<T, DK, DV, Wp::kThreads, 2>(p, qa.op(), K, V, r, reinterpret_cast<T*>(smem_raw),
+                                               o, lse2, clk);
+  pf_store<DV>(p, rw, g, p.n_cmp_splits + p.n_win_splits, o, lse2);
 }
 
 // kClock: the phase clocks (PfClock), cmp kernel entries at p.stamps.
