@@ -542,14 +542,26 @@ __device__ __forceinline__ void pf_attend_ranges(const StepParams& p, const Q& q
 #pragma unroll
       for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
     }
-    float c[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 1));
       mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], 2));
-      const float n = fmaxf(m[k], mx[k] * scale2);
-      c[k] = exp2_ftz(m[k] - n);
-      m[k] = n;
+    }
+    // The running max moves only where a row's tile max passes it by more than kLazyMax (log2
+    // units), decided per warp: until then the numerators stay below 2^kLazyMax (fp32 and the
+    // 16-bit P hold them) and l and O need no rescaling; the final normalisation divides by l
+    // taken with the same max, so the result is the same up to rounding.
+    constexpr float kLazyMax = 8.f;
+    const bool move = __any_sync(
+        0xffffffffu, mx[0] * scale2 > m[0] + kLazyMax || mx[1] * scale2 > m[1] + kLazyMax);
+    float c[2] = {1.f, 1.f};
+    if (move) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const float n = fmaxf(m[k], mx[k] * scale2);
+        c[k] = exp2_ftz(m[k] - n);
+        m[k] = n;
+      }
     }
     float sum[2] = {0.f, 0.f};
 #pragma unroll
@@ -563,12 +575,14 @@ __device__ __forceinline__ void pf_attend_ranges(const StepParams& p, const Q& q
     }
     l[0] = l[0] * c[0] + sum[0];
     l[1] = l[1] * c[1] + sum[1];
+    if (move) {
 #pragma unroll
-    for (int nd = 0; nd < DV / 8; ++nd) {
-      o[nd][0] *= c[0];
-      o[nd][1] *= c[0];
-      o[nd][2] *= c[1];
-      o[nd][3] *= c[1];
+      for (int nd = 0; nd < DV / 8; ++nd) {
+        o[nd][0] *= c[0];
+        o[nd][1] *= c[0];
+        o[nd][2] *= c[1];
+        o[nd][3] *= c[1];
+      }
     }
     clk.mark(kPfP1Softmax);
     ring.accumulate(s, stage, o);
