@@ -379,6 +379,8 @@ TEST(Cuda, PrefillWarpsKnobIsChecked) {
   expect_knob_rejected("NSA_CUDA_PREFILL_WARPS", "16", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_KERNEL_TIMES", "3", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_SEL_FORCED", "both", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_PREFILL_PREPARE", "rows",
+                       {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -404,6 +406,13 @@ TEST(Cuda, TiledPrefillSmall) {
     // The selected pass gathering the forced blocks too (NSA_CUDA_SEL_FORCED=gather; the default
     // attends to them apart, by tiles of queries).
     const ScopedEnv gather("NSA_CUDA_SEL_FORCED", "gather");
+    const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
+    check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
+  {
+    // Rows prepared by the decode step's kernel (NSA_CUDA_PREFILL_PREPARE=fused; the default
+    // streams RoPE and the append, and computes the gates by a GEMM and a gate kernel).
+    const ScopedEnv prepare("NSA_CUDA_PREFILL_PREPARE", "fused");
     const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
     check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
   }

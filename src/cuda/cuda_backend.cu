@@ -23,6 +23,7 @@
 #include "cuda/decode/select_kernels.cuh"
 #include "cuda/decode/step_kernels.cuh"
 #include "cuda/prefill/prefill_kernels.cuh"
+#include "cuda/prefill/prefill_prepare.cuh"
 #include "nsa/backend.h"
 
 namespace nsa {
@@ -267,6 +268,9 @@ class CudaBackend final : public Backend {
   int64_t prefill_nb_max(int64_t L) const { return L / c_.l_sel + 1; }
   template <typename T>
   void enqueue_prefill_kernels(const StepParams& p, int64_t nb_max);
+  // RoPE, append and gates of a tiled prefill launch (prepare_split_).
+  template <typename T>
+  void enqueue_prefill_prepare(const StepParams& p);
   // Shapes, split plan and cache pointers of one launch over rows [row0, row0 + R) of B * T;
   // the workspace pointers stay null.
   StepParams params(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
@@ -322,13 +326,17 @@ class CudaBackend final : public Backend {
   bool sel_group_major_ = true;   // NSA_CUDA_SEL_ORDER=rows: the tiled sel pass row-major
   bool sel_forced_apart_ = true;  // NSA_CUDA_SEL_FORCED=gather: the tiled sel pass gathers all
   bool prefill_rows_ = false;     // NSA_CUDA_PREFILL=rows: prefill through the step kernels
-  bool wgmma_ = false;            // the device runs the sm_90a code (compute capability 9.0)
-  int prefill_warps_ = 4;         // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
-  size_t smem_per_sm_ = 0;        // shared memory per multiprocessor
-  size_t smem_reserved_ = 0;      // of it, what the runtime reserves per block
-  int64_t prefill_chunk_ = 0;     // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
-  bool kernel_times_ = false;     // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
-  bool phase_clocks_ = false;     // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
+  // NSA_CUDA_PREFILL_PREPARE=fused: the tiled prefill prepares rows with the decode step's
+  // nsa_prepare_kernel (4 rows of one group per block); split (default): the streaming RoPE
+  // kernel, a cuBLAS GEMM for the gate's first layer and the gate kernel (prefill_prepare.cuh).
+  bool prepare_split_ = true;
+  bool wgmma_ = false;         // the device runs the sm_90a code (compute capability 9.0)
+  int prefill_warps_ = 4;      // NSA_CUDA_PREFILL_WARPS: warps per prefill block (prefill_set)
+  size_t smem_per_sm_ = 0;     // shared memory per multiprocessor
+  size_t smem_reserved_ = 0;   // of it, what the runtime reserves per block
+  int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
+  bool phase_clocks_ = false;  // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
@@ -345,6 +353,7 @@ class CudaBackend final : public Backend {
   cudaEvent_t out_ready_[2] = {nullptr, nullptr};  // a chunk of y_host_ has arrived
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
       sel_blocks_, sel_count_, reads_, done_, rg_done_, o_cmp_, o_sel_, o_win_, o_, y_;
+  DeviceBuffer gate_u_;  // tiled prefill, split prepare: u [R G, dk] then hid [R G, g_hid]
 };
 
 CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOptions& o)
@@ -398,6 +407,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(std::string_view(mode) == "rows" || std::string_view(mode) == "tiled",
               "NSA_CUDA_PREFILL: value '{}' is not valid; allowed: rows, tiled", mode);
     prefill_rows_ = std::string_view(mode) == "rows";
+  }
+  if (const char* prep = std::getenv("NSA_CUDA_PREFILL_PREPARE"); prep != nullptr) {
+    const std::string_view v(prep);
+    NSA_CHECK(v == "split" || v == "fused",
+              "NSA_CUDA_PREFILL_PREPARE: value '{}' is not valid; allowed: split, fused", prep);
+    prepare_split_ = v == "split";
   }
   if (const char* order = std::getenv("NSA_CUDA_SEL_ORDER"); order != nullptr) {
     NSA_CHECK(std::string_view(order) == "rows" || std::string_view(order) == "groups",
@@ -542,6 +557,8 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   if (scoring) {
     grow(logits_, rows * H * cache.cap_cmp, 4);
     grow(block_scores_, rows * G * nb_cap(cache.cap), 4);
+  } else if (prepare_split_) {
+    grow(gate_u_, rows * G * (c_.dk + c_.gate_hidden), 4);
   }
   grow(part_m_, slots * G * h, 4);
   grow(part_s_, slots * G * h, 4);
@@ -939,17 +956,42 @@ bool CudaBackend::tiled_prefill(int64_t length, int64_t T) const {
 }
 
 template <typename T>
+void CudaBackend::enqueue_prefill_prepare(const StepParams& p) {
+  const int64_t RG = p.R * p.G;
+  float* u = gate_u_.as<float>();
+  float* hid = u + RG * p.dk;
+  launch("rope", cuda::nsa_prefill_rope_kernel<T>,
+         dim3(static_cast<unsigned>((p.R + cuda::kRopeRows - 1) / cuda::kRopeRows)),
+         dim3(cuda::kRopeThreads), cuda::prefill_rope_smem_bytes(p.dk), p, u);
+  // hid^T [g_hid, RG] = fc1_w [g_hid, dk] u^T [dk, RG] (column-major views of row-major data).
+  const float one = 1.f, zero = 0.f;
+  NSA_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(p.g_hid),
+                               static_cast<int>(RG), static_cast<int>(p.dk), &one,
+                               fc1_w_.as<float>(), static_cast<int>(p.dk), u,
+                               static_cast<int>(p.dk), &zero, hid, static_cast<int>(p.g_hid)));
+  probe("gate_fc1");
+  constexpr int64_t kVectorsPerBlock = cuda::kGateThreads / 32;
+  launch("gates", cuda::nsa_prefill_gate_kernel,
+         dim3(static_cast<unsigned>((RG + kVectorsPerBlock - 1) / kVectorsPerBlock)),
+         dim3(cuda::kGateThreads), 0, p, static_cast<const float*>(hid));
+}
+
+template <typename T>
 void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
   const PrefillKernels k = prefill_set<T>(nb_max);
   const auto R = static_cast<unsigned>(p.R), RG = static_cast<unsigned>(p.R * p.G);
   const auto G = static_cast<unsigned>(p.G);
   // Many rows: small blocks of a few rows each keep more rows in flight per SM (a row is a
   // chain of dependent steps, not much work).
-  constexpr int kPrepareRows = 4, kPrepareThreadsPrefill = 128;
-  static_assert(kPrepareRows <= cuda::kMaxPrepareRows, "rows per prepare block");
-  launch("prepare", cuda::nsa_prepare_kernel<T>, dim3((R + kPrepareRows - 1) / kPrepareRows, G),
-         dim3(kPrepareThreadsPrefill), cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, 0,
-         kPrepareRows);
+  if (prepare_split_ && p.dv % 2 == 0) {
+    enqueue_prefill_prepare<T>(p);
+  } else {
+    constexpr int kPrepareRows = 4, kPrepareThreadsPrefill = 128;
+    static_assert(kPrepareRows <= cuda::kMaxPrepareRows, "rows per prepare block");
+    launch("prepare", cuda::nsa_prepare_kernel<T>, dim3((R + kPrepareRows - 1) / kPrepareRows, G),
+           dim3(kPrepareThreadsPrefill), cuda::prepare_smem_bytes(p.h, p.dk, p.g_hid), p, 0,
+           kPrepareRows);
+  }
   launch("emit", cuda::nsa_emit_kernel<T>, dim3(R, G), dim3(128), 0, p);
   const int64_t queries = k.rows / p.h;  // per tile
   const auto tiles = static_cast<unsigned>((p.R + queries - 1) / queries);

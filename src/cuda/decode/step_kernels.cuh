@@ -121,6 +121,18 @@ __device__ __forceinline__ void prepare_rope(const StepParams& p, int64_t r, int
   __syncthreads();
 }
 
+// The three gates of a (row, group) from fc2's outputs z: sigmoid, or softmax at p.gate_temp.
+__device__ __forceinline__ void write_gates(const StepParams& p, float* gate, const float* z) {
+  if (p.gate_sigmoid) {
+    for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[k]));
+  } else {
+    const float m = fmaxf(z[0], fmaxf(z[1], z[2])) / p.gate_temp;
+    float e[3], sum = 0.f;
+    for (int k = 0; k < 3; ++k) sum += (e[k] = expf(z[k] / p.gate_temp - m));
+    for (int k = 0; k < 3; ++k) gate[k] = e[k] / sum;
+  }
+}
+
 // The gates of rows r0 .. r0 + nr - 1 (nr <= kMaxPrepareRows) of group g from their inputs
 // u[nr][dk] (prepare_rope); hid: nr * g_hid floats of shared memory. Every thread calls it.
 __device__ __forceinline__ void prepare_gates(const StepParams& p, int64_t r0, int nr, int64_t g,
@@ -174,15 +186,7 @@ __device__ __forceinline__ void prepare_gates(const StepParams& p, int64_t r0, i
   __syncthreads();
   if (static_cast<int>(threadIdx.x) < nr) {
     const int rr = static_cast<int>(threadIdx.x);
-    float* gate = p.gates + ((r0 + rr) * p.G + g) * 3;
-    if (p.gate_sigmoid) {
-      for (int k = 0; k < 3; ++k) gate[k] = 1.f / (1.f + expf(-z[rr][k]));
-    } else {
-      const float m = fmaxf(z[rr][0], fmaxf(z[rr][1], z[rr][2])) / p.gate_temp;
-      float e[3], sum = 0.f;
-      for (int k = 0; k < 3; ++k) sum += (e[k] = expf(z[rr][k] / p.gate_temp - m));
-      for (int k = 0; k < 3; ++k) gate[k] = e[k] / sum;
-    }
+    write_gates(p, p.gates + ((r0 + rr) * p.G + g) * 3, z[rr]);
   }
 }
 
