@@ -88,13 +88,12 @@ __global__ void __launch_bounds__(kRopeThreads)
       const float* src = pr + kv * G * (p.dk + p.dv) + g * p.dk + 2 * j;
       void* base = kv == 0 ? p.k_cmp_raw : kv == 1 ? p.k_sel : p.k_win;
       T* dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap) + 2 * j;
-      *reinterpret_cast<Pair<T>*>(dst) = rotate_pair<T>(*reinterpret_cast<const float2*>(src),
-                                                        rope_cs[rr * dk + j],
-                                                        rope_cs[rr * dk + half + j]);
+      *reinterpret_cast<Pair<T>*>(dst) = rotate_pair<T>(
+          *reinterpret_cast<const float2*>(src), rope_cs[rr * dk + j], rope_cs[rr * dk + half + j]);
     } else {
       const int vt = task - k_tasks, kv = vt / (G * dv2), g = vt / dv2 % G, e = 2 * (vt % dv2);
-      const float2 x = *reinterpret_cast<const float2*>(pr + kv * G * (p.dk + p.dv) + G * p.dk +
-                                                        g * p.dv + e);
+      const float2 x =
+          *reinterpret_cast<const float2*>(pr + kv * G * (p.dk + p.dv) + G * p.dk + g * p.dv + e);
       void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
       T* dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e;
       *reinterpret_cast<Pair<T>*>(dst) = {from_f32<T>(x.x), from_f32<T>(x.y)};
