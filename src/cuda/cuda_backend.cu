@@ -867,7 +867,8 @@ struct PrefillKernels {
   // dims (192 / 128) in the default 4-warp blocks of the wgmma path; else null.
   PfCmpKernel cmp_clock = nullptr;
   PfWinKernel win_clock = nullptr;
-  AttnKernel sel = nullptr;  // the decode kernel's gathered attention, one split per block
+  AttnKernel sel = nullptr;         // the decode kernel's gathered attention, one split per block
+  AttnKernel sel_forced = nullptr;  // the same, merging the forced blocks' partial (prefill_fsel)
   size_t pipe_smem = 0, sel_smem = 0;
   size_t cmp_static_smem = 0;  // the cmp kernel's static shared memory
   int threads = 0, rows = 0;   // per block of the cmp and window kernels
@@ -886,9 +887,11 @@ bool pick_prefill(int64_t dk, int64_t dv, int stages, bool wgmma, PrefillKernels
   }
   if (stages == 3) {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2>;
+    k.sel_forced = cuda::nsa_attn_tc_kernel<T, DK, DV, 3, 2, true>;
     k.sel_smem = cuda::TcShape<DK, DV, 3, 2>::kFusedSmemBytes;
   } else {
     k.sel = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2>;
+    k.sel_forced = cuda::nsa_attn_tc_kernel<T, DK, DV, 2, 2, true>;
     k.sel_smem = cuda::TcShape<DK, DV, 2, 2>::kFusedSmemBytes;
   }
   k.pipe_smem = cuda::pf_pipe_bytes<DK, DV, W>(wgmma);
@@ -1006,7 +1009,8 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
            k.pipe_smem, p);
   }
   // The selected blocks, and the gated output of all three branches (p.sel_fused).
-  launch("attn_sel_out", k.sel, dim3(RG), dim3(128), k.sel_smem, p, 1);
+  launch("attn_sel_out", p.sel_forced_apart ? k.sel_forced : k.sel, dim3(RG), dim3(128), k.sel_smem,
+         p, 1);
 }
 
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms,

@@ -216,7 +216,9 @@ __device__ __forceinline__ void fused_output(const StepParams& p, const FusedRow
 }
 
 // One split of this block (blockIdx): the body of nsa_attn_tc_kernel.
-template <typename T, int DK, int DV, int KS, int VS>
+// kForced: the instantiation for the tiled prefill's selected pass with the forced blocks apart
+// (p.sel_forced_apart); the others compile without that code.
+template <typename T, int DK, int DV, int KS, int VS, bool kForced = false>
 __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsigned char* smem_raw) {
   using Sh = TcShape<DK, DV, KS, VS>;
   constexpr int kTile = static_cast<int>(kTileKeys);
@@ -235,7 +237,7 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   }
   T* pipe = reinterpret_cast<T*>(smem_raw);
   int32_t* blocks_s = reinterpret_cast<int32_t*>(smem_raw + Sh::kMainBytes);
-  const bool forced_apart = p.sel_fused && p.sel_forced_apart && sp.branch == 1;
+  const bool forced_apart = kForced && p.sel_fused && p.sel_forced_apart && sp.branch == 1;
   if (forced_apart) {
     stage_unforced_blocks(p, sp, row_info(p, sp.r).t, blocks_s);
   } else {
@@ -457,14 +459,14 @@ __device__ __forceinline__ void tc_attend(const StepParams& p, int phase, unsign
   }
 }
 
-// Tensor-core split attention, one split per block.
-template <typename T, int DK, int DV, int KS, int VS>
+// Tensor-core split attention, one split per block (kForced: see tc_attend).
+template <typename T, int DK, int DV, int KS, int VS, bool kForced = false>
 __global__ void __launch_bounds__(128, 2)
     nsa_attn_tc_kernel(const __grid_constant__ StepParams p, int phase) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
-  tc_attend<T, DK, DV, KS, VS>(p, phase, smem_raw);
+  tc_attend<T, DK, DV, KS, VS, kForced>(p, phase, smem_raw);
 }
 
 }  // namespace nsa::cuda
