@@ -59,10 +59,12 @@ if [ "$MODE" != decode ] && [ "$MODE" != seed ]; then
   NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 | grep "^forward T=65536" |
     tail -2 | tee -a "$OUT/summary.txt"
-  log "per-kernel times, selected pass in row-major order (NSA_CUDA_SEL_ORDER=rows), same run"
-  NSA_CUDA_SEL_ORDER=rows NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 \
-    --dk 192 --dv 128 --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 |
+  log "launches of up to 8192 rows (NSA_CUDA_PREFILL_WORKSPACE_MB=4096; default 1024: ~3.3k rows at 64k): per-kernel times at 64k, then attention, same run"
+  NSA_CUDA_PREFILL_WORKSPACE_MB=4096 NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 \
+    --groups 4 --dk 192 --dv 128 --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 |
     grep "^forward T=65536" | tail -2 | tee -a "$OUT/summary.txt"
+  NSA_CUDA_PREFILL_WORKSPACE_MB=4096 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 \
+    --dv 128 --S_list 16384,65536 --iters 3 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
   log "rows prepared by the decode step's kernel (NSA_CUDA_PREFILL_PREPARE=fused; default split): per-kernel times at 64k, then attention, same run"
   NSA_CUDA_PREFILL_PREPARE=fused NSA_CUDA_KERNEL_TIMES=1 $NSA bench prefill --B 1 --dim 2560 --heads 64 \
     --groups 4 --dk 192 --dv 128 --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 |

@@ -381,6 +381,11 @@ TEST(Cuda, PrefillWarpsKnobIsChecked) {
   expect_knob_rejected("NSA_CUDA_SEL_FORCED", "both", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_PREFILL_PREPARE", "rows",
                        {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_PREFILL_WORKSPACE_MB", "0",
+                       {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_PREFILL_WORKSPACE_MB", "64MB",
+                       {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_PREFILL_CHUNK", "12abc", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -407,6 +412,12 @@ TEST(Cuda, TiledPrefillSmall) {
     // attends to them apart, by tiles of queries).
     const ScopedEnv gather("NSA_CUDA_SEL_FORCED", "gather");
     const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
+    check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
+  {
+    // Launches sized by a small workspace budget (NSA_CUDA_PREFILL_WORKSPACE_MB=1: a few rows
+    // each at these shapes), as the 1 GiB default sizes them at long prompts.
+    const ScopedEnv budget("NSA_CUDA_PREFILL_WORKSPACE_MB", "1");
     check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
   }
   {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -128,6 +129,16 @@ double cuda_read_bandwidth_gbs(size_t bytes, int passes) {
 namespace {
 
 using cuda::StepParams;
+
+// The integer value of development knob `name` (environment value `value`): all digits, >= 1.
+int64_t positive_knob(const char* name, const char* value) {
+  int64_t v = 0;
+  const std::string_view s(value);
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  NSA_CHECK(ec == std::errc() && end == s.data() + s.size() && v >= 1,
+            "{}: value '{}' is not valid; allowed: an integer >= 1", name, value);
+  return v;
+}
 
 // Dynamic shared memory the selection kernel may use on a Hopper GPU (its static arrays take
 // ~2 KiB more); smaller devices: their opt-in limit less kStaticSmemMargin (dyn_smem_limit).
@@ -335,6 +346,8 @@ class CudaBackend final : public Backend {
   size_t smem_per_sm_ = 0;     // shared memory per multiprocessor
   size_t smem_reserved_ = 0;   // of it, what the runtime reserves per block
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  // Workspace bytes the tiled prefill sizes its launches by (NSA_CUDA_PREFILL_WORKSPACE_MB).
+  int64_t prefill_workspace_ = int64_t{1} << 30;
   bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   bool phase_clocks_ = false;  // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
@@ -426,9 +439,13 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     sel_forced_apart_ = v == "apart";
   }
   if (const char* chunk = std::getenv("NSA_CUDA_PREFILL_CHUNK"); chunk != nullptr) {
-    prefill_chunk_ = std::atoll(chunk);
-    NSA_CHECK(prefill_chunk_ >= 1,
-              "NSA_CUDA_PREFILL_CHUNK: value '{}' is not valid; allowed: an integer >= 1", chunk);
+    prefill_chunk_ = positive_knob("NSA_CUDA_PREFILL_CHUNK", chunk);
+  }
+  if (const char* mb = std::getenv("NSA_CUDA_PREFILL_WORKSPACE_MB"); mb != nullptr) {
+    const int64_t v = positive_knob("NSA_CUDA_PREFILL_WORKSPACE_MB", mb);
+    NSA_CHECK(v <= (int64_t{1} << 20),
+              "NSA_CUDA_PREFILL_WORKSPACE_MB: value '{}' is not valid; allowed: 1 to 1048576", mb);
+    prefill_workspace_ = v << 20;
   }
   if (const char* mode = std::getenv("NSA_CUDA_FUSED_DECODE"); mode != nullptr) {
     const std::string_view m(mode);
@@ -1083,10 +1100,11 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   for (int pass = 0; pass < 3; ++pass) {
     const StepParams shape = params(cache, T, 0, chunk, all, 0);
     const int64_t splits = tiled ? 3 : cuda::n_splits_total(shape);
-    const int64_t per_row = (tiled ? 0 : c_.heads * cache.cap_cmp * 4) +
-                            splits * c_.heads * (c_.dv + 2) * 4 + 3 * c_.heads * c_.dv * 4 +
-                            P_ * 4 + c_.dim * 8 + c_.heads * (c_.dk + c_.dv) * 2;
-    const int64_t budget = (tiled ? int64_t{1} << 30 : int64_t{256} << 20);
+    const int64_t per_row =
+        (tiled ? c_.groups * (c_.dk + c_.gate_hidden) * 4 : c_.heads * cache.cap_cmp * 4) +
+        splits * c_.heads * (c_.dv + 2) * 4 + 3 * c_.heads * c_.dv * 4 + P_ * 4 + c_.dim * 8 +
+        c_.heads * (c_.dk + c_.dv) * 2;
+    const int64_t budget = tiled ? prefill_workspace_ : int64_t{256} << 20;
     chunk = std::clamp<int64_t>(budget / per_row, 1, chunk);
   }
   if (prefill_chunk_ > 0) chunk = std::min(chunk, prefill_chunk_);
