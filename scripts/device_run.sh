@@ -71,6 +71,9 @@ if [ "$MODE" != decode ] && [ "$MODE" != seed ]; then
     grep "^forward T=65536" | tail -2 | tee -a "$OUT/summary.txt"
   NSA_CUDA_PREFILL_PREPARE=fused $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 \
     --dv 128 --S_list 16384,65536 --iters 3 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
+  log "one launch at a time (NSA_CUDA_OVERLAP_LAUNCHES=0; default: a launch's output is copied out while the next runs): whole-layer ms, same run"
+  NSA_CUDA_OVERLAP_LAUNCHES=0 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 \
+    --dv 128 --S_list 16384,65536 --iters 3 --warmup 1 --device cuda --dtype bf16 | tee -a "$OUT/summary.txt"
   log "phase clocks of the cmp and window kernels at 64k (NSA_CUDA_KERNEL_TIMES=2, 4-warp blocks)"
   NSA_CUDA_KERNEL_TIMES=2 $NSA bench prefill --B 1 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
     --S_list 65536 --iters 1 --warmup 1 --device cuda --dtype bf16 2>&1 | grep "^forward T=65536" |

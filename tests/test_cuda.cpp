@@ -386,6 +386,8 @@ TEST(Cuda, PrefillWarpsKnobIsChecked) {
   expect_knob_rejected("NSA_CUDA_PREFILL_WORKSPACE_MB", "64MB",
                        {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_PREFILL_CHUNK", "12abc", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_OVERLAP_LAUNCHES", "yes",
+                       {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several
@@ -418,6 +420,13 @@ TEST(Cuda, TiledPrefillSmall) {
     // Launches sized by a small workspace budget (NSA_CUDA_PREFILL_WORKSPACE_MB=1: a few rows
     // each at these shapes), as the 1 GiB default sizes them at long prompts.
     const ScopedEnv budget("NSA_CUDA_PREFILL_WORKSPACE_MB", "1");
+    check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
+  }
+  {
+    // One launch at a time (NSA_CUDA_OVERLAP_LAUNCHES=0; by default the host copies a launch's
+    // output while the next launch runs).
+    const ScopedEnv serial("NSA_CUDA_OVERLAP_LAUNCHES", "0");
+    const ScopedEnv chunk("NSA_CUDA_PREFILL_CHUNK", "37");
     check_case({16, 1, 192, 128, 2, 300, 2, DType::kBF16});
   }
   {

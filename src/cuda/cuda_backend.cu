@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string_view>
 #include <type_traits>
@@ -305,8 +306,11 @@ class CudaBackend final : public Backend {
                     bool time_attention = false, int64_t tiled_nb_max = 0);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
-  // Copies the first n floats of y_ to dst (host) once the stream has finished the step.
-  void copy_out(float* dst, int64_t n);
+  // Copies n floats at src (device) to dst (host) on copy_stream_ once `ready` has happened
+  // (the launch that wrote them is done); adds the host's wait and copy times to wait_ms and
+  // copy_ms.
+  void copy_out(const float* src, float* dst, int64_t n, cudaEvent_t ready, double& wait_ms,
+                double& copy_ms);
   // Launches on the backend's stream; with pdl_ the kernel may start while its predecessor
   // drains (programmatic dependent launch; the kernels wait for their inputs).
   template <typename... Params, typename... Args>
@@ -322,8 +326,9 @@ class CudaBackend final : public Backend {
   size_t esize_;
   int64_t P_;
   cudaStream_t stream_ = nullptr;
-  int device_ = 0;         // the CUDA device current when the backend was made
-  int sms_ = 1;            // streaming multiprocessors of the device
+  cudaStream_t copy_stream_ = nullptr;  // device-to-host copies of a launch's output (copy_out)
+  int device_ = 0;                      // the CUDA device current when the backend was made
+  int sms_ = 1;                         // streaming multiprocessors of the device
   size_t smem_optin_ = 0;  // shared memory a block may opt in to (227 KiB on Hopper, 163 on A100)
   // Dynamic shared memory a kernel with `static_bytes` of static shared memory may ask for:
   // `cap`, or less where the device has less (the cmp kernel of the tiled prefill takes all the
@@ -346,6 +351,9 @@ class CudaBackend final : public Backend {
   size_t smem_per_sm_ = 0;     // shared memory per multiprocessor
   size_t smem_reserved_ = 0;   // of it, what the runtime reserves per block
   int64_t prefill_chunk_ = 0;  // > 0: rows per prefill launch (NSA_CUDA_PREFILL_CHUNK, tests)
+  // forward(): the host copies one launch's output while the next one runs
+  // (NSA_CUDA_OVERLAP_LAUNCHES=0: one launch at a time, for comparison).
+  bool overlap_launches_ = true;
   // Workspace bytes the tiled prefill sizes its launches by (NSA_CUDA_PREFILL_WORKSPACE_MB).
   int64_t prefill_workspace_ = int64_t{1} << 30;
   bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
@@ -356,16 +364,20 @@ class CudaBackend final : public Backend {
   bool fused_ = false;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
+  // forward(): the second launch slot's attention events, and each slot's end of launch.
+  cudaEvent_t attn_alt_[2] = {nullptr, nullptr};
+  cudaEvent_t launch_done_[2] = {nullptr, nullptr};
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
   DeviceBuffer w_in_, w_out_, fc1_w_, fc1_b_, fc2_w_, fc2_b_;
   DeviceBuffer rope_freq_;  // [dk / 2] doubles, as core::rope_inplace computes them
   // Per-step workspace (grown outside graph capture only, see ensure_workspace).
-  PinnedBuffer x_host_;  // one launch's input rows in the storage type, on their way to x_
+  PinnedBuffer x_host_;  // two launches' input rows in the storage type, on their way to x_
   PinnedBuffer y_host_;  // two chunks of output rows on their way from y_ to the caller
   cudaEvent_t out_ready_[2] = {nullptr, nullptr};  // a chunk of y_host_ has arrived
   DeviceBuffer x_, proj_, q_, gates_, logits_, block_scores_, part_m_, part_s_, part_o_,
       sel_blocks_, sel_count_, reads_, done_, rg_done_, o_cmp_, o_sel_, o_win_, o_, y_;
+  DeviceBuffer y_alt_;   // forward(): the output of every second launch (copied out meanwhile)
   DeviceBuffer gate_u_;  // tiled prefill, split prepare: u [R G, dk] then hid [R G, g_hid]
 };
 
@@ -441,6 +453,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   if (const char* chunk = std::getenv("NSA_CUDA_PREFILL_CHUNK"); chunk != nullptr) {
     prefill_chunk_ = positive_knob("NSA_CUDA_PREFILL_CHUNK", chunk);
   }
+  if (const char* ov = std::getenv("NSA_CUDA_OVERLAP_LAUNCHES"); ov != nullptr) {
+    const std::string_view v(ov);
+    NSA_CHECK(v == "0" || v == "1",
+              "NSA_CUDA_OVERLAP_LAUNCHES: value '{}' is not valid; allowed: 0, 1", ov);
+    overlap_launches_ = v == "1";
+  }
   if (const char* mb = std::getenv("NSA_CUDA_PREFILL_WORKSPACE_MB"); mb != nullptr) {
     const int64_t v = positive_knob("NSA_CUDA_PREFILL_WORKSPACE_MB", mb);
     NSA_CHECK(v <= (int64_t{1} << 20),
@@ -465,6 +483,11 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
   NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
   NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
   for (auto& e : out_ready_) NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  for (auto& e : attn_alt_) NSA_CUDA_CHECK(cudaEventCreate(&e));
+  for (auto& e : launch_done_) {
+    NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  NSA_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
   NSA_CUBLAS_CHECK(cublasCreate(&blas_));
   NSA_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
   // CUBLAS_COMPUTE_32F never uses TF32 under the default math mode, so fp32 stays fp32.
@@ -507,7 +530,14 @@ CudaBackend::~CudaBackend() {
   for (auto& e : out_ready_) {
     if (e) cudaEventDestroy(e);
   }
+  for (auto& e : attn_alt_) {
+    if (e) cudaEventDestroy(e);
+  }
+  for (auto& e : launch_done_) {
+    if (e) cudaEventDestroy(e);
+  }
   if (blas_) cublasDestroy(blas_);
+  if (copy_stream_) cudaStreamDestroy(copy_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -597,6 +627,7 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
   grow(o_win_, rows * H * dv, 4);
   grow(o_, rows * H * dv, esize_);
   grow(y_, rows * c_.dim, 4);
+  grow(y_alt_, rows * c_.dim, 4);
 }
 
 StepParams CudaBackend::params(CudaCache& cache, int64_t T, int64_t row0, int64_t R,
@@ -729,23 +760,33 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
 // takes a fresh output tensor's first-touch page faults on several cores) while chunk i + 1 is in
 // flight. One pageable cudaMemcpy into a fresh 671 MB tensor was the largest host cost of a 64k
 // prefill (docs/perf-cuda-prefill.md).
-void CudaBackend::copy_out(float* dst, int64_t n) {
+void CudaBackend::copy_out(const float* src, float* dst, int64_t n, cudaEvent_t ready,
+                           double& wait_ms, double& copy_ms) {
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  };
   constexpr int64_t kChunk = int64_t{8} << 20;  // floats (32 MiB)
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   auto* stage = static_cast<float*>(
       y_host_.reserve(static_cast<size_t>(std::min(n, 2 * kChunk)) * sizeof(float)));
   auto chunk_size = [&](int64_t i) { return std::min(kChunk, n - i * kChunk); };
+  NSA_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, ready, 0));
   for (int64_t i = 0; i <= chunks; ++i) {
     if (i < chunks) {
-      NSA_CUDA_CHECK(cudaMemcpyAsync(stage + (i % 2) * kChunk, y_.as<float>() + i * kChunk,
+      NSA_CUDA_CHECK(cudaMemcpyAsync(stage + (i % 2) * kChunk, src + i * kChunk,
                                      static_cast<size_t>(chunk_size(i)) * sizeof(float),
-                                     cudaMemcpyDeviceToHost, stream_));
-      NSA_CUDA_CHECK(cudaEventRecord(out_ready_[i % 2], stream_));
+                                     cudaMemcpyDeviceToHost, copy_stream_));
+      NSA_CUDA_CHECK(cudaEventRecord(out_ready_[i % 2], copy_stream_));
     }
     if (i > 0) {
       const int64_t j = i - 1;
+      auto t0 = Clock::now();
       NSA_CUDA_CHECK(cudaEventSynchronize(out_ready_[j % 2]));
+      wait_ms += since(t0);
+      t0 = Clock::now();
       convert_from_f32(stage + (j % 2) * kChunk, chunk_size(j), DType::kF32, dst + j * kChunk);
+      copy_ms += since(t0);
     }
   }
 }
@@ -1120,6 +1161,36 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     NSA_CUDA_CHECK(cudaMemsetAsync(clocks.get(), 0, clocks.bytes(), stream_));
   }
   // Launches: [row0, row0 + R) of the B * T rows; with the tiled prefill never across sequences.
+  // Two launch slots (input staging, output buffer, attention events): launch k + 1 is enqueued
+  // before launch k's output is copied out, so the host's conversions and copies of one launch
+  // overlap the device work of the next. With per-kernel times or inspection, one at a time.
+  const bool overlap = overlap_launches_ && !kernel_times && !all;
+  struct Launch {
+    int64_t row0, R;
+    int slot;
+    const float* y_dev;
+  };
+  cudaEvent_t attn_events[2][2] = {{attn_begin_, attn_end_}, {attn_alt_[0], attn_alt_[1]}};
+  struct RestoreEvents {  // attn_begin_ / attn_end_ are the slot-0 events again on every exit
+    CudaBackend& b;
+    cudaEvent_t begin, end;
+    ~RestoreEvents() {
+      b.attn_begin_ = begin;
+      b.attn_end_ = end;
+    }
+  } restore{*this, attn_begin_, attn_end_};
+  const size_t stage_bytes = static_cast<size_t>(chunk * c_.dim) * esize_;
+  auto* x_stage = static_cast<unsigned char*>(x_host_.reserve(2 * stage_bytes));
+  // The launch's output to y, its attention time to attention_ms_.
+  auto finish = [&](const Launch& L) {
+    copy_out(L.y_dev, y + L.row0 * c_.dim, L.R * c_.dim, launch_done_[L.slot], host_ms[3],
+             host_ms[4]);
+    float ms = 0.f;
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_events[L.slot][0], attn_events[L.slot][1]));
+    attention_ms_ += ms;
+  };
+  std::optional<Launch> pending;  // enqueued, output not yet copied out
+  int slot = 0;
   const int64_t span = tiled ? T : rows;
   for (int64_t base = 0; base < rows; base += span) {
     for (int64_t off = 0; off < span; off += chunk) {
@@ -1129,11 +1200,11 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
       if (clocks.get() != nullptr) p.stamps = clocks.as<long long>();
       host_ms[1] += since(t0);
-      // The previous launch has finished (stream synchronised below), so the staging buffer is
-      // free: convert this launch's rows into it and copy them over.
+      // This slot's staging buffer was last copied from two launches ago, and that launch has
+      // been finished since: convert this launch's rows into it and copy them over.
       t0 = Clock::now();
       const size_t x_bytes = static_cast<size_t>(R * c_.dim) * esize_;
-      void* staged = x_host_.reserve(x_bytes);
+      void* staged = x_stage + static_cast<size_t>(slot) * stage_bytes;
       convert_from_f32(x + row0 * c_.dim, R * c_.dim, dtype_, staged);
       host_ms[2] += since(t0);
       NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), staged, x_bytes, cudaMemcpyHostToDevice, stream_));
@@ -1142,7 +1213,10 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         probes_ = &events;
         probe("start");
       }
-      enqueue_step(p, x_.get(), y_.as<float>(), true, true,
+      attn_begin_ = attn_events[slot][0];
+      attn_end_ = attn_events[slot][1];
+      float* y_dev = slot == 0 ? y_.as<float>() : y_alt_.as<float>();
+      enqueue_step(p, x_.get(), y_dev, true, true,
                    tiled ? prefill_nb_max(cache.length + off + R) : 0);
       probes_ = nullptr;
       if (all) {
@@ -1159,16 +1233,20 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         back(inspect->o_win, o_win_, c_.heads * c_.dv);
         back(inspect->reads, reads_, c_.groups * 3);
       }
-      // The next launch reuses the workspace and x_ buffer.
+      NSA_CUDA_CHECK(cudaEventRecord(launch_done_[slot], stream_));
+      const Launch now{row0, R, slot, y_dev};
+      slot ^= 1;
+      if (overlap) {
+        if (pending) finish(*pending);
+        pending = now;
+        continue;
+      }
+      // One launch at a time: its output, then its per-kernel times.
       t0 = Clock::now();
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
       host_ms[3] += since(t0);
-      t0 = Clock::now();
-      copy_out(y + row0 * c_.dim, R * c_.dim);
-      host_ms[4] += since(t0);
+      finish(now);
       float ms = 0.f;
-      NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_begin_, attn_end_));
-      attention_ms_ += ms;
       for (size_t k = 1; k < events.size(); ++k) {
         NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, events[k - 1].second, events[k].second));
         auto it = std::find_if(kernel_ms.begin(), kernel_ms.end(),
@@ -1179,6 +1257,7 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       for (auto& e : events) cudaEventDestroy(e.second);
     }
   }
+  if (pending) finish(*pending);
   if (tiled) {  // every launch has read the old length; now the device copy advances
     const int64_t length = cache.length + T;
     NSA_CUDA_CHECK(cudaMemcpyAsync(cache.len.get(), &length, sizeof(int64_t),
