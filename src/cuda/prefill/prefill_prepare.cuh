@@ -17,6 +17,8 @@ namespace nsa::cuda {
 
 constexpr int kRopeRows = 8;  // rows per block of nsa_prefill_rope_kernel
 constexpr int kRopeThreads = 256;
+constexpr int kRopeHeads = 8;  // query heads loaded before the first store (any h works)
+constexpr int kRopeBatch = 4;  // key / value tasks per thread loaded before the first store
 
 // Shared-memory bytes of nsa_prefill_rope_kernel: cos and sin of each row's angles (double).
 inline size_t prefill_rope_smem_bytes(int64_t dk) {
@@ -56,7 +58,9 @@ __global__ void __launch_bounds__(kRopeThreads)
     sincos(a, &rope_cs[rr * dk + half + j], &rope_cs[rr * dk + j]);
   }
   __syncthreads();
-  // Query tasks (row, group, pair): the group's h heads of one pair, summed for the gate.
+  // Query tasks (row, group, pair): the group's h heads of one pair, summed for the gate. The
+  // loads of up to kRopeHeads heads are issued before the first store, so a thread waits on
+  // memory once per task, not once per head.
   const int q_tasks = G * half;
   for (int i = threadIdx.x; i < nr * q_tasks; i += blockDim.x) {
     const int rr = i / q_tasks, task = i % q_tasks, g = task / half, j = task % half;
@@ -65,38 +69,64 @@ __global__ void __launch_bounds__(kRopeThreads)
     const float* src = p.proj + r * p.P + g * h * p.dk + 2 * j;
     T* dst = static_cast<T*>(p.q) + (r * p.H + g * h) * p.dk + 2 * j;
     float u0 = 0.f, u1 = 0.f;
-#pragma unroll 4
-    for (int hh = 0; hh < h; ++hh) {
-      const Pair<T> y = rotate_pair<T>(*reinterpret_cast<const float2*>(src + hh * dk), c, s);
-      *reinterpret_cast<Pair<T>*>(dst + hh * dk) = y;
-      u0 += to_f32(y.a);
-      u1 += to_f32(y.b);
+    for (int h0 = 0; h0 < h; h0 += kRopeHeads) {
+      float2 x[kRopeHeads];
+#pragma unroll
+      for (int k = 0; k < kRopeHeads; ++k) {
+        if (h0 + k < h) x[k] = __ldg(reinterpret_cast<const float2*>(src + (h0 + k) * dk));
+      }
+#pragma unroll
+      for (int k = 0; k < kRopeHeads; ++k) {
+        if (h0 + k < h) {
+          const Pair<T> y = rotate_pair<T>(x[k], c, s);
+          *reinterpret_cast<Pair<T>*>(dst + (h0 + k) * dk) = y;
+          u0 += to_f32(y.a);
+          u1 += to_f32(y.b);
+        }
+      }
     }
     *reinterpret_cast<float2*>(u + (r * p.G + g) * p.dk + 2 * j) =
         make_float2(u0 / static_cast<float>(h), u1 / static_cast<float>(h));
   }
   // Key tasks (row, key kind, group, pair) and value tasks (row, kind, group, pair): kinds 0 cmp,
-  // 1 sel, 2 win.
-  const int k_tasks = 3 * G * half, v_tasks = 3 * G * dv2;
-  for (int i = threadIdx.x; i < nr * (k_tasks + v_tasks); i += blockDim.x) {
-    const int rr = i / (k_tasks + v_tasks), task = i % (k_tasks + v_tasks);
-    const int64_t r = r0 + rr;
-    const RowInfo ri = row_info(p, r);
-    const float* pr = p.proj + r * p.P + p.H * p.dk;
-    if (task < k_tasks) {
-      const int kv = task / (G * half), g = task / half % G, j = task % half;
-      const float* src = pr + kv * G * (p.dk + p.dv) + g * p.dk + 2 * j;
-      void* base = kv == 0 ? p.k_cmp_raw : kv == 1 ? p.k_sel : p.k_win;
-      T* dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap) + 2 * j;
-      *reinterpret_cast<Pair<T>*>(dst) = rotate_pair<T>(
-          *reinterpret_cast<const float2*>(src), rope_cs[rr * dk + j], rope_cs[rr * dk + half + j]);
-    } else {
-      const int vt = task - k_tasks, kv = vt / (G * dv2), g = vt / dv2 % G, e = 2 * (vt % dv2);
-      const float2 x =
-          *reinterpret_cast<const float2*>(pr + kv * G * (p.dk + p.dv) + G * p.dk + g * p.dv + e);
-      void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
-      T* dst = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e;
-      *reinterpret_cast<Pair<T>*>(dst) = {from_f32<T>(x.x), from_f32<T>(x.y)};
+  // 1 sel, 2 win; kRopeBatch tasks per thread loaded before any is stored.
+  const int k_tasks = 3 * G * half, v_tasks = 3 * G * dv2, n = nr * (k_tasks + v_tasks);
+  for (int i0 = threadIdx.x; i0 < n; i0 += kRopeBatch * blockDim.x) {
+    float2 x[kRopeBatch];
+    T* dst[kRopeBatch];
+    int pair[kRopeBatch];  // the rotation's pair index and row, or -1: a value task
+    int row[kRopeBatch];
+#pragma unroll
+    for (int b = 0; b < kRopeBatch; ++b) {
+      const int i = i0 + b * static_cast<int>(blockDim.x);
+      if (i >= n) continue;
+      const int rr = i / (k_tasks + v_tasks), task = i % (k_tasks + v_tasks);
+      const RowInfo ri = row_info(p, r0 + rr);
+      const float* pr = p.proj + (r0 + rr) * p.P + p.H * p.dk;
+      row[b] = rr;
+      if (task < k_tasks) {
+        const int kv = task / (G * half), g = task / half % G, j = task % half;
+        x[b] =
+            __ldg(reinterpret_cast<const float2*>(pr + kv * G * (p.dk + p.dv) + g * p.dk + 2 * j));
+        void* base = kv == 0 ? p.k_cmp_raw : kv == 1 ? p.k_sel : p.k_win;
+        dst[b] = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dk, p.cap) + 2 * j;
+        pair[b] = j;
+      } else {
+        const int vt = task - k_tasks, kv = vt / (G * dv2), g = vt / dv2 % G, e = 2 * (vt % dv2);
+        x[b] = __ldg(
+            reinterpret_cast<const float2*>(pr + kv * G * (p.dk + p.dv) + G * p.dk + g * p.dv + e));
+        void* base = kv == 0 ? p.v_cmp_raw : kv == 1 ? p.v_sel : p.v_win;
+        dst[b] = static_cast<T*>(base) + cache_at(p, ri.b, g, ri.t, p.dv, p.cap) + e;
+        pair[b] = -1;
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kRopeBatch; ++b) {
+      if (i0 + b * static_cast<int>(blockDim.x) >= n) continue;
+      const int j = pair[b], rr = row[b];
+      *reinterpret_cast<Pair<T>*>(dst[b]) =
+          j >= 0 ? rotate_pair<T>(x[b], rope_cs[rr * dk + j], rope_cs[rr * dk + half + j])
+                 : Pair<T>{from_f32<T>(x[b].x), from_f32<T>(x[b].y)};
     }
   }
 }
