@@ -108,6 +108,10 @@ for B in 1 16; do
     --iters 20 --warmup 5 --device cuda --dtype bf16 --fill random \
     --csv "$OUT/decode_cuda_paper_B$B.csv" | tee -a "$OUT/summary.txt"
 done
+# The dense baseline comes before the repeats: a full call runs close to the 10-minute limit
+# (cuda_v36 lost it there).
+log "dense attention decode (PyTorch SDPA) on the same GPU"
+PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
 log "B 16, 64k again (run-to-run spread), then per-kernel eager times (NSA_CUDA_KERNEL_TIMES=1)"
 for i in 1 2; do
   $NSA bench decode --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
@@ -116,8 +120,6 @@ done
 NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
   --S_list 65536 --iters 10 --warmup 3 --device cuda --dtype bf16 --fill random 2>&1 | grep "kernel us" |
   tail -2 | tee -a "$OUT/summary.txt"
-log "dense attention decode (PyTorch SDPA) on the same GPU"
-PYTHONUNBUFFERED=1 python3 bench/dense_sdpa_decode.py --csv "$OUT/dense_sdpa_decode.csv" | tee -a "$OUT/summary.txt"
 [ "$MODE" = profile ] || exit 0
 log "per-kernel profile, B 16, S 64k, bf16 (ncu)"
 NCU_SKIP=9 NCU_COUNT=16 scripts/device_profile.sh --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 --S_list 65536 \
