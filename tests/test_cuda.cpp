@@ -388,6 +388,7 @@ TEST(Cuda, PrefillWarpsKnobIsChecked) {
   expect_knob_rejected("NSA_CUDA_PREFILL_CHUNK", "12abc", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
   expect_knob_rejected("NSA_CUDA_OVERLAP_LAUNCHES", "yes",
                        {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
+  expect_knob_rejected("NSA_CUDA_HOST_TIMES", "on", {16, 1, 192, 128, 1, 0, 0, DType::kBF16});
 }
 
 // Launches of a few rows each (NSA_CUDA_PREFILL_CHUNK): tiles cut at launch boundaries, several

@@ -358,6 +358,9 @@ class CudaBackend final : public Backend {
   int64_t prefill_workspace_ = int64_t{1} << 30;
   bool kernel_times_ = false;  // NSA_CUDA_KERNEL_TIMES=1: per-kernel times to stderr
   bool phase_clocks_ = false;  // NSA_CUDA_KERNEL_TIMES=2: also the prefill kernels' phases
+  // NSA_CUDA_HOST_TIMES=1: forward()'s host times to stderr without per-kernel events, so with
+  // the launches overlapped as by default (wait: the host waiting for a launch's output).
+  bool host_times_ = false;
   // NSA_CUDA_FUSED_DECODE=on: decode steps run as the one fused attention kernel where its
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
@@ -470,6 +473,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
+  }
+  if (const char* ht = std::getenv("NSA_CUDA_HOST_TIMES"); ht != nullptr) {
+    const std::string_view v(ht);
+    NSA_CHECK(v == "0" || v == "1", "NSA_CUDA_HOST_TIMES: value '{}' is not valid; allowed: 0, 1",
+              ht);
+    host_times_ = v == "1";
   }
   if (const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES"); kt_env != nullptr) {
     const std::string_view kt(kt_env);
@@ -1268,6 +1277,8 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     std::string line;
     for (const auto& [name, ms] : kernel_ms) line += fmt::format(" {} {:.3f}", name, ms);
     fmt::print(stderr, "forward T={} kernel ms (summed over {} rows):{}\n", T, rows, line);
+  }
+  if (kernel_times || host_times_) {
     fmt::print(stderr,
                "forward T={} host ms: reserve {:.1f} prepare {:.1f} convert {:.1f} wait {:.1f} "
                "copy out {:.1f} total {:.1f}\n",
