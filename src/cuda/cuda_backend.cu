@@ -141,6 +141,19 @@ int64_t positive_knob(const char* name, const char* value) {
   return v;
 }
 
+using Clock = std::chrono::steady_clock;
+// Host milliseconds since t0 (forward()'s host times).
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// A switch knob ("0" or "1", anything else is an error).
+bool flag_knob(const char* name, const char* value) {
+  const std::string_view s(value);
+  NSA_CHECK(s == "0" || s == "1", "{}: value '{}' is not valid; allowed: 0, 1", name, value);
+  return s == "1";
+}
+
 // Dynamic shared memory the selection kernel may use on a Hopper GPU (its static arrays take
 // ~2 KiB more); smaller devices: their opt-in limit less kStaticSmemMargin (dyn_smem_limit).
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
@@ -299,11 +312,12 @@ class CudaBackend final : public Backend {
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                       int64_t advance, bool tiled = false);
   // Enqueues one step over rows [row0, row0 + R) whose storage-type inputs are at x_dev.
-  // time_attention: events around the kernels between the projections (attention_ms()).
+  // attn_slot >= 0: that launch slot's events around the kernels between the projections
+  // (attention_ms()); -1: none.
   // tiled_nb_max > 0: the tiled prefill kernels (rows of one sequence, 16-bit storage) instead
   // of the step kernels, keeping that many block scores per query.
   void enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms = true,
-                    bool time_attention = false, int64_t tiled_nb_max = 0);
+                    int attn_slot = -1, int64_t tiled_nb_max = 0);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
   // Copies n floats at src (device) to dst (host) on copy_stream_ once `ready` has happened
@@ -366,9 +380,9 @@ class CudaBackend final : public Backend {
   // docs/perf-cuda-decode.md); off (default): the step kernels.
   bool fused_ = false;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
-  cudaEvent_t attn_begin_ = nullptr, attn_end_ = nullptr;
-  // forward(): the second launch slot's attention events, and each slot's end of launch.
-  cudaEvent_t attn_alt_[2] = {nullptr, nullptr};
+  // Per launch slot of forward() (decode steps use slot 0): the attention's begin and end
+  // events, and the launch's end.
+  cudaEvent_t attn_events_[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
   cudaEvent_t launch_done_[2] = {nullptr, nullptr};
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer blas_ws_;
@@ -457,10 +471,7 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     prefill_chunk_ = positive_knob("NSA_CUDA_PREFILL_CHUNK", chunk);
   }
   if (const char* ov = std::getenv("NSA_CUDA_OVERLAP_LAUNCHES"); ov != nullptr) {
-    const std::string_view v(ov);
-    NSA_CHECK(v == "0" || v == "1",
-              "NSA_CUDA_OVERLAP_LAUNCHES: value '{}' is not valid; allowed: 0, 1", ov);
-    overlap_launches_ = v == "1";
+    overlap_launches_ = flag_knob("NSA_CUDA_OVERLAP_LAUNCHES", ov);
   }
   if (const char* mb = std::getenv("NSA_CUDA_PREFILL_WORKSPACE_MB"); mb != nullptr) {
     const int64_t v = positive_knob("NSA_CUDA_PREFILL_WORKSPACE_MB", mb);
@@ -475,10 +486,7 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     fused_ = m == "on";
   }
   if (const char* ht = std::getenv("NSA_CUDA_HOST_TIMES"); ht != nullptr) {
-    const std::string_view v(ht);
-    NSA_CHECK(v == "0" || v == "1", "NSA_CUDA_HOST_TIMES: value '{}' is not valid; allowed: 0, 1",
-              ht);
-    host_times_ = v == "1";
+    host_times_ = flag_knob("NSA_CUDA_HOST_TIMES", ht);
   }
   if (const char* kt_env = std::getenv("NSA_CUDA_KERNEL_TIMES"); kt_env != nullptr) {
     const std::string_view kt(kt_env);
@@ -489,10 +497,10 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     kernel_times_ = kt != "0";
     phase_clocks_ = kt == "2";
   }
-  NSA_CUDA_CHECK(cudaEventCreate(&attn_begin_));
-  NSA_CUDA_CHECK(cudaEventCreate(&attn_end_));
+  for (auto& slot : attn_events_) {
+    for (auto& e : slot) NSA_CUDA_CHECK(cudaEventCreate(&e));
+  }
   for (auto& e : out_ready_) NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-  for (auto& e : attn_alt_) NSA_CUDA_CHECK(cudaEventCreate(&e));
   for (auto& e : launch_done_) {
     NSA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
@@ -534,12 +542,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
 }
 
 CudaBackend::~CudaBackend() {
-  if (attn_begin_) cudaEventDestroy(attn_begin_);
-  if (attn_end_) cudaEventDestroy(attn_end_);
-  for (auto& e : out_ready_) {
-    if (e) cudaEventDestroy(e);
+  for (auto& slot : attn_events_) {
+    for (auto& e : slot) {
+      if (e) cudaEventDestroy(e);
+    }
   }
-  for (auto& e : attn_alt_) {
+  for (auto& e : out_ready_) {
     if (e) cudaEventDestroy(e);
   }
   for (auto& e : launch_done_) {
@@ -771,10 +779,6 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
 // prefill (docs/perf-cuda-prefill.md).
 void CudaBackend::copy_out(const float* src, float* dst, int64_t n, cudaEvent_t ready,
                            double& wait_ms, double& copy_ms) {
-  using Clock = std::chrono::steady_clock;
-  auto since = [](Clock::time_point t0) {
-    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-  };
   constexpr int64_t kChunk = int64_t{8} << 20;  // floats (32 MiB)
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   auto* stage = static_cast<float*>(
@@ -792,10 +796,10 @@ void CudaBackend::copy_out(const float* src, float* dst, int64_t n, cudaEvent_t 
       const int64_t j = i - 1;
       auto t0 = Clock::now();
       NSA_CUDA_CHECK(cudaEventSynchronize(out_ready_[j % 2]));
-      wait_ms += since(t0);
+      wait_ms += ms_since(t0);
       t0 = Clock::now();
       convert_from_f32(stage + (j % 2) * kChunk, chunk_size(j), DType::kF32, dst + j * kChunk);
-      copy_ms += since(t0);
+      copy_ms += ms_since(t0);
     }
   }
 }
@@ -1081,7 +1085,7 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
 }
 
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms,
-                               bool time_attention, int64_t tiled_nb_max) {
+                               int attn_slot, int64_t tiled_nb_max) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType_t t = cuda_type(dtype_);
   // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T). Without the GEMMs
@@ -1094,7 +1098,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
                                   static_cast<int>(P_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     probe("gemm_in");
   }
-  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_begin_, stream_));
+  if (attn_slot >= 0) NSA_CUDA_CHECK(cudaEventRecord(attn_events_[attn_slot][0], stream_));
   switch (dtype_) {
     case DType::kF32:
       enqueue_kernels<float>(p);
@@ -1116,7 +1120,7 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
     default:
       NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
   }
-  if (time_attention) NSA_CUDA_CHECK(cudaEventRecord(attn_end_, stream_));
+  if (attn_slot >= 0) NSA_CUDA_CHECK(cudaEventRecord(attn_events_[attn_slot][1], stream_));
   if (!gemms) return;
   const int HDV = static_cast<int>(c_.heads * c_.dv);
   NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
@@ -1130,16 +1134,13 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
                           Inspection* inspect) {
   auto& cache = static_cast<CudaCache&>(state);
   const int64_t B = cache.batch, rows = B * T;
-  // Host-side phases in ms (printed with NSA_CUDA_KERNEL_TIMES=1): reserve, prepare, convert,
-  // wait (the launch's device work and copies, host blocked), copy out (y to the host), total.
-  using Clock = std::chrono::steady_clock;
+  // Host-side phases in ms (printed with NSA_CUDA_KERNEL_TIMES=1 or NSA_CUDA_HOST_TIMES=1):
+  // reserve, prepare, convert, wait (the launch's device work and copies, host blocked), copy
+  // out (y to the host), total.
   const auto t_start = Clock::now();
-  auto since = [](Clock::time_point t0) {
-    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-  };
   double host_ms[5] = {0, 0, 0, 0, 0};
   reserve(cache, cache.length + T);
-  host_ms[0] = since(t_start);
+  host_ms[0] = ms_since(t_start);
   const bool all = inspect != nullptr && inspect->want.any();
   const bool tiled = tiled_prefill(cache.length, T);
   // Rows per launch: bounded so the per-row workspace stays modest. The step kernels keep
@@ -1177,25 +1178,16 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
   struct Launch {
     int64_t row0, R;
     int slot;
-    const float* y_dev;
   };
-  cudaEvent_t attn_events[2][2] = {{attn_begin_, attn_end_}, {attn_alt_[0], attn_alt_[1]}};
-  struct RestoreEvents {  // attn_begin_ / attn_end_ are the slot-0 events again on every exit
-    CudaBackend& b;
-    cudaEvent_t begin, end;
-    ~RestoreEvents() {
-      b.attn_begin_ = begin;
-      b.attn_end_ = end;
-    }
-  } restore{*this, attn_begin_, attn_end_};
+  auto y_dev = [&](int s) { return s == 0 ? y_.as<float>() : y_alt_.as<float>(); };
   const size_t stage_bytes = static_cast<size_t>(chunk * c_.dim) * esize_;
   auto* x_stage = static_cast<unsigned char*>(x_host_.reserve(2 * stage_bytes));
   // The launch's output to y, its attention time to attention_ms_.
   auto finish = [&](const Launch& L) {
-    copy_out(L.y_dev, y + L.row0 * c_.dim, L.R * c_.dim, launch_done_[L.slot], host_ms[3],
+    copy_out(y_dev(L.slot), y + L.row0 * c_.dim, L.R * c_.dim, launch_done_[L.slot], host_ms[3],
              host_ms[4]);
     float ms = 0.f;
-    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_events[L.slot][0], attn_events[L.slot][1]));
+    NSA_CUDA_CHECK(cudaEventElapsedTime(&ms, attn_events_[L.slot][0], attn_events_[L.slot][1]));
     attention_ms_ += ms;
   };
   std::optional<Launch> pending;  // enqueued, output not yet copied out
@@ -1208,24 +1200,21 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       auto t0 = Clock::now();
       StepParams p = prepared(cache, T, row0, R, all, advance, tiled);
       if (clocks.get() != nullptr) p.stamps = clocks.as<long long>();
-      host_ms[1] += since(t0);
+      host_ms[1] += ms_since(t0);
       // This slot's staging buffer was last copied from two launches ago, and that launch has
       // been finished since: convert this launch's rows into it and copy them over.
       t0 = Clock::now();
       const size_t x_bytes = static_cast<size_t>(R * c_.dim) * esize_;
       void* staged = x_stage + static_cast<size_t>(slot) * stage_bytes;
       convert_from_f32(x + row0 * c_.dim, R * c_.dim, dtype_, staged);
-      host_ms[2] += since(t0);
+      host_ms[2] += ms_since(t0);
       NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), staged, x_bytes, cudaMemcpyHostToDevice, stream_));
       std::vector<std::pair<const char*, cudaEvent_t>> events;
       if (kernel_times) {
         probes_ = &events;
         probe("start");
       }
-      attn_begin_ = attn_events[slot][0];
-      attn_end_ = attn_events[slot][1];
-      float* y_dev = slot == 0 ? y_.as<float>() : y_alt_.as<float>();
-      enqueue_step(p, x_.get(), y_dev, true, true,
+      enqueue_step(p, x_.get(), y_dev(slot), true, slot,
                    tiled ? prefill_nb_max(cache.length + off + R) : 0);
       probes_ = nullptr;
       if (all) {
@@ -1243,7 +1232,7 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
         back(inspect->reads, reads_, c_.groups * 3);
       }
       NSA_CUDA_CHECK(cudaEventRecord(launch_done_[slot], stream_));
-      const Launch now{row0, R, slot, y_dev};
+      const Launch now{row0, R, slot};
       slot ^= 1;
       if (overlap) {
         if (pending) finish(*pending);
@@ -1253,7 +1242,7 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
       // One launch at a time: its output, then its per-kernel times.
       t0 = Clock::now();
       NSA_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      host_ms[3] += since(t0);
+      host_ms[3] += ms_since(t0);
       finish(now);
       float ms = 0.f;
       for (size_t k = 1; k < events.size(); ++k) {
@@ -1282,7 +1271,7 @@ void CudaBackend::forward(CacheState& state, const float* x, int64_t T, float* y
     fmt::print(stderr,
                "forward T={} host ms: reserve {:.1f} prepare {:.1f} convert {:.1f} wait {:.1f} "
                "copy out {:.1f} total {:.1f}\n",
-               T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], host_ms[4], since(t_start));
+               T, host_ms[0], host_ms[1], host_ms[2], host_ms[3], host_ms[4], ms_since(t_start));
   }
   if (clocks.get() != nullptr) print_phase_clocks(clocks, T);
   cache.length += T;
