@@ -39,7 +39,7 @@ log "compute-sanitizer memcheck + racecheck"
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
 for tool in memcheck racecheck; do
   timeout 400 compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*' > sanitizer_$tool.log 2>&1
+    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*:Cuda.ShortDecode*' > sanitizer_$tool.log 2>&1
   rc=$?
   ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
   theirs=$(grep -E "Race reported" sanitizer_$tool.log | grep -c "nvjet_")
@@ -88,16 +88,19 @@ if [ "$MODE" != decode ] && [ "$MODE" != seed ]; then
   [ "$MODE" = prefill ] && exit 0
 fi
 
-log "seed decode benchmark on the GPU"
+log "seed decode benchmark on the GPU (default: the short-context kernel)"
 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 --iters 32 --warmup 8 \
   --device cuda --csv "$OUT/decode_cuda_seed.csv" | tee -a "$OUT/summary.txt"
+log "seed decode benchmark through the step kernels (NSA_CUDA_SHORT_DECODE=off), same run"
+NSA_CUDA_SHORT_DECODE=off $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 \
+  --iters 32 --warmup 8 --device cuda | tee -a "$OUT/summary.txt"
 log "seed decode benchmark through the fused kernel (NSA_CUDA_FUSED_DECODE=on), same run"
 NSA_CUDA_FUSED_DECODE=on $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 --S_list 128,256,512,1024 \
   --iters 32 --warmup 8 --device cuda | tee -a "$OUT/summary.txt"
-log "seed decode, per-kernel medians (NSA_CUDA_KERNEL_TIMES=1, eager steps), fused and step kernels"
-for f in off on; do
-  NSA_CUDA_FUSED_DECODE=$f NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 \
-    --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep -E "kernel us|fused phases" | sed "s/^/fused=$f: /" |
+log "seed decode, per-kernel medians (NSA_CUDA_KERNEL_TIMES=1, eager steps): short kernel, step kernels"
+for s in auto off; do
+  NSA_CUDA_SHORT_DECODE=$s NSA_CUDA_KERNEL_TIMES=1 $NSA bench decode --heads 4 --groups 2 --dk 64 --dv 64 \
+    --S_list 1024 --iters 32 --warmup 8 --device cuda 2>&1 | grep -E "kernel us" | sed "s/^/short=$s: /" |
     tee -a "$OUT/summary.txt"
 done
 [ "$MODE" = seed ] && exit 0

@@ -67,6 +67,26 @@ class ScopedEnv {
   const char* name_;
 };
 
+// The three decode paths: the step kernels, the short-context kernel (the default where the
+// cache is short) and the fused kernel, each selected by its knobs.
+struct DecodePath {
+  const char* name;
+  const char* short_decode;  // NSA_CUDA_SHORT_DECODE
+  const char* fused;         // NSA_CUDA_FUSED_DECODE
+};
+constexpr DecodePath kDecodePaths[] = {
+    {"step kernels", "off", "off"}, {"short kernel", "auto", "off"}, {"fused kernel", "off", "on"}};
+
+// Both knobs of a decode path for its lifetime.
+class ScopedPath {
+ public:
+  explicit ScopedPath(const DecodePath& p)
+      : short_("NSA_CUDA_SHORT_DECODE", p.short_decode), fused_("NSA_CUDA_FUSED_DECODE", p.fused) {}
+
+ private:
+  ScopedEnv short_, fused_;
+};
+
 Tensor rows(const Tensor& x, int64_t t0, int64_t n) {
   const int64_t B = x.dim(0), T = x.dim(1), D = x.dim(2);
   Tensor s(DType::kF32, {B, n, D});
@@ -168,12 +188,13 @@ void check_case(const Case& k) {
   EXPECT_GE(compared * 10, total_rows * 9);
 }
 
-// Both decode paths: the step kernels (default), and the fused kernel at every length.
+// Every decode path: the step kernels, the short-context kernel (where the cache is short; the
+// longer cases fall back to the step kernels) and the fused kernel at every length.
 TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
   REQUIRE_GPU();
-  for (const char* fused : {"off", "on"}) {
-    SCOPED_TRACE(fmt::format("NSA_CUDA_FUSED_DECODE={}", fused));
-    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", fused);
+  for (const DecodePath& path : kDecodePaths) {
+    SCOPED_TRACE(path.name);
+    const ScopedPath mode(path);
     const Case cases[] = {
         {2, 2, 32, 32, 3, 1, 40, DType::kF32},     // h = 1, first emission and block at t = 31, 63
         {4, 2, 64, 64, 3, 60, 12, DType::kF32},    // h = 2, crosses the block boundary at 64
@@ -248,6 +269,45 @@ TEST(Cuda, FusedDecodeSmall) {
   for (const Case& k : cases) check_case(k);
 }
 
+// The short-context kernel (NSA_CUDA_SHORT_DECODE=on: a step it cannot take is an error, so
+// every step here ran through it): every head-group size, 16-bit and fp32 storage, from the
+// first token, across emissions, block boundaries and the cache's growth to 2048 tokens (32
+// selection blocks, 127 compressed tokens), other l_sel, l and d, a second prefill. Small enough
+// for compute-sanitizer.
+TEST(Cuda, ShortDecodeMatchesCpu) {
+  REQUIRE_GPU();
+  const ScopedEnv mode("NSA_CUDA_SHORT_DECODE", "on");
+  const Case cases[] = {
+      {4, 2, 64, 64, 1, 1000, 40, DType::kF32},                // the seed's shape, cap 1024 -> 2048
+      {4, 2, 64, 64, 3, 1, 40, DType::kBF16},                  // from the first token, B = 3
+      {2, 2, 32, 32, 3, 60, 12, DType::kF16},                  // h = 1
+      {32, 2, 64, 64, 1, 500, 12, DType::kBF16},               // h = 16
+      {8, 2, 128, 128, 2, 700, 9, DType::kBF16},               // h = 4, window inside the context
+      {4, 2, 64, 64, 1, 300, 8, DType::kBF16, 32},             // l_sel 32: 32 selection blocks
+      {8, 2, 64, 64, 2, 200, 3, DType::kF16, 96},              // l_sel 96
+      {4, 2, 64, 64, 1, 200, 20, DType::kBF16, 64, 0, 16, 8},  // l 16, d 8
+      {8, 2, 64, 64, 2, 100, 3, DType::kF32, 64, 800},         // a second prefill, then decode
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
+// NSA_CUDA_SHORT_DECODE=on where the cache is too long for the short kernel: a clear error.
+TEST(Cuda, ShortDecodeOnRefusesLongCaches) {
+  REQUIRE_GPU();
+  const ScopedEnv mode("NSA_CUDA_SHORT_DECODE", "on");
+  const Config c = case_config({4, 2, 64, 64, 1, 0, 0, DType::kBF16});
+  Layer gpu(c, random_weights(c, 43), gpu_options(DType::kBF16));
+  KVCache cache = gpu.new_cache(1);
+  gpu.fill_random(cache, 4096, 1);
+  try {
+    gpu.decode(cache, random_normal({1, 1, c.dim}, 44));
+    FAIL() << "no error for a 4096-token cache";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("NSA_CUDA_SHORT_DECODE"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("selection blocks"), std::string::npos) << e.what();
+  }
+}
+
 // Building a GPU layer of shape k with knob=value set must fail with an error naming the knob.
 void expect_knob_rejected(const char* knob, const char* value, const Case& k) {
   const ScopedEnv env(knob, value);
@@ -263,6 +323,7 @@ void expect_knob_rejected(const char* knob, const char* value, const Case& k) {
 TEST(Cuda, FusedDecodeKnobIsChecked) {
   REQUIRE_GPU();
   expect_knob_rejected("NSA_CUDA_FUSED_DECODE", "sometimes", {4, 2, 64, 64, 1, 0, 0, DType::kF32});
+  expect_knob_rejected("NSA_CUDA_SHORT_DECODE", "sometimes", {4, 2, 64, 64, 1, 0, 0, DType::kF32});
 }
 
 TEST(Cuda, LowPrecisionStorageMatchesCpuRounding) {
@@ -449,15 +510,14 @@ TEST(Cuda, TiledPrefillSmall) {
 TEST(Cuda, OneHotGatesSkipBranchesExactly) {
   REQUIRE_GPU();
   Config c = case_config({8, 2, 64, 64, 2, 0, 0, DType::kF32});
-  // fp32: the row-step prefill; bf16: the tiled prefill. The decode step through the step
-  // kernels and the fused kernel.
-  for (int combo = 0; combo < 4; ++combo) {
+  // fp32: the row-step prefill; bf16: the tiled prefill. The decode step through every path.
+  for (int combo = 0; combo < 6; ++combo) {
     const DType dtype = combo % 2 == 0 ? DType::kF32 : DType::kBF16;
-    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", combo < 2 ? "off" : "on");
+    const DecodePath& path = kDecodePaths[combo / 2];
+    const ScopedPath mode(path);
     const double tol = dtype == DType::kF32 ? 1e-4 : 2e-2;
     for (int branch = 0; branch < 3; ++branch) {
-      SCOPED_TRACE(fmt::format("{} branch {} fused decode {}", to_string(dtype), branch,
-                               combo < 2 ? "off" : "on"));
+      SCOPED_TRACE(fmt::format("{} branch {} {}", to_string(dtype), branch, path.name));
       auto w = random_weights(c, 5);
       force_gate(w, branch);
       LayerOptions cpu_opt;
@@ -496,12 +556,12 @@ void graph_decode_case() {
 }
 
 // The graph-replayed timing path leaves the cache exactly where plain decode steps would: through
-// the step kernels and the fused kernel.
+// every decode path.
 TEST(Cuda, GraphDecodeContinuesLikePlainDecode) {
   REQUIRE_GPU();
-  for (const char* fused : {"off", "on"}) {
-    SCOPED_TRACE(fmt::format("NSA_CUDA_FUSED_DECODE={}", fused));
-    const ScopedEnv mode("NSA_CUDA_FUSED_DECODE", fused);
+  for (const DecodePath& path : kDecodePaths) {
+    SCOPED_TRACE(path.name);
+    const ScopedPath mode(path);
     graph_decode_case();
   }
 }

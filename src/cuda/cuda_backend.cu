@@ -23,6 +23,7 @@
 #include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/fused_decode_kernel.cuh"
 #include "cuda/decode/select_kernels.cuh"
+#include "cuda/decode/short_decode_kernel.cuh"
 #include "cuda/decode/step_kernels.cuh"
 #include "cuda/prefill/prefill_kernels.cuh"
 #include "cuda/prefill/prefill_prepare.cuh"
@@ -159,6 +160,8 @@ bool flag_knob(const char* name, const char* value) {
 constexpr size_t kMaxSelectSmem = size_t{200} << 10;
 // The fused decode kernel: dynamic shared memory it may use (its static arrays take ~2 KiB).
 constexpr size_t kMaxFusedSmem = size_t{220} << 10;
+// The short-context decode kernel: dynamic shared memory it may use (its static arrays are tiny).
+constexpr size_t kMaxShortSmem = size_t{220} << 10;
 // Room left for a kernel's static shared memory under the device's opt-in limit.
 constexpr size_t kStaticSmemMargin = size_t{4} << 10;
 
@@ -308,6 +311,12 @@ class CudaBackend final : public Backend {
   bool fused_decode(const CudaCache& cache) const;
   // Blocks per (row, group) of the fused kernel: one selected and one window tile each.
   int64_t fused_splits() const;
+  // Why a decode step on this cache cannot run as the short-context kernel, or empty where it
+  // can (nsa_short_decode_kernel: a cache of at most 32 selection blocks and 128 compressed
+  // tokens whose working set fits one block's shared memory).
+  std::string short_decode_refusal(const CudaCache& cache) const;
+  // Selection blocks a cache of `cap` tokens holds, complete or not (the short kernel's chunks).
+  int64_t short_chunks(int64_t cap) const { return (cap + c_.l_sel - 1) / c_.l_sel; }
   // params() with the workspace grown to what that launch needs and bound.
   StepParams prepared(CudaCache& cache, int64_t T, int64_t row0, int64_t R, bool compute_all,
                       int64_t advance, bool tiled = false);
@@ -379,6 +388,9 @@ class CudaBackend final : public Backend {
   // shared memory fits (experimental: measured no faster than the step kernels,
   // docs/perf-cuda-decode.md); off (default): the step kernels.
   bool fused_ = false;
+  // NSA_CUDA_SHORT_DECODE: auto (default) runs decode steps on a short cache as the one
+  // short-context kernel; off: the step kernels; on: the short kernel or an error naming why not.
+  enum class ShortMode { kAuto, kOn, kOff } short_mode_ = ShortMode::kAuto;
   double attention_ms_ = -1.0;  // device time of the last forward's attention kernels
   // Per launch slot of forward() (decode steps use slot 0): the attention's begin and end
   // events, and the launch's end.
@@ -484,6 +496,12 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
+  }
+  if (const char* mode = std::getenv("NSA_CUDA_SHORT_DECODE"); mode != nullptr) {
+    const std::string_view m(mode);
+    NSA_CHECK(m == "auto" || m == "on" || m == "off",
+              "NSA_CUDA_SHORT_DECODE: value '{}' is not valid; allowed: auto, on, off", mode);
+    short_mode_ = m == "auto" ? ShortMode::kAuto : m == "on" ? ShortMode::kOn : ShortMode::kOff;
   }
   if (const char* ht = std::getenv("NSA_CUDA_HOST_TIMES"); ht != nullptr) {
     host_times_ = flag_knob("NSA_CUDA_HOST_TIMES", ht);
@@ -767,8 +785,21 @@ StepParams CudaBackend::prepared(CudaCache& cache, int64_t T, int64_t row0, int6
     p.fused_decode = 1;
     p.n_cmp_splits = 1;
     p.n_sel_splits = p.n_win_splits = fused_splits();
+  } else if (T == 1 && short_mode_ != ShortMode::kOff) {
+    const std::string why = short_decode_refusal(cache);
+    NSA_CHECK(why.empty() || short_mode_ == ShortMode::kAuto,
+              "NSA_CUDA_SHORT_DECODE=on: this decode step cannot run as the short-context kernel: "
+              "{}",
+              why);
+    if (why.empty()) {
+      // One block per selection block of the cache and one for the compressed branch.
+      p.short_decode = 1;
+      p.n_cmp_splits = 1;
+      p.n_sel_splits = p.n_win_splits = short_chunks(cache.cap);
+    }
   }
-  ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled, p.fused_decode != 0);
+  ensure_workspace(R, cuda::n_splits_total(p), cache, !tiled,
+                   p.fused_decode != 0 || p.short_decode != 0);
   bind_workspace(p);
   return p;
 }
@@ -815,6 +846,34 @@ bool CudaBackend::fused_decode(const CudaCache& cache) const {
   return fused_ && cuda::fused_smem_bytes(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden, c_.l,
                                           c_.d, c_.l_sel, nb_cap(cache.cap),
                                           fused_splits()) <= dyn_smem_limit(kMaxFusedSmem);
+}
+
+std::string CudaBackend::short_decode_refusal(const CudaCache& cache) const {
+  const int64_t chunks = short_chunks(cache.cap);
+  if (chunks > cuda::kShortMaxChunks) {
+    return fmt::format("the cache holds {} selection blocks (capacity {} tokens), more than {}",
+                       chunks, cache.cap, cuda::kShortMaxChunks);
+  }
+  if (cache.cap_cmp > cuda::kShortMaxCmp) {
+    return fmt::format("the cache holds {} compressed tokens, more than {}", cache.cap_cmp,
+                       cuda::kShortMaxCmp);
+  }
+  if (c_.l_sel > cuda::kShortMaxTile) {
+    return fmt::format("l_sel {} is above {}", c_.l_sel, cuda::kShortMaxTile);
+  }
+  const auto es = static_cast<int64_t>(esize_);
+  if ((c_.dk * es) % 16 != 0 || (c_.dv * es) % 16 != 0) {
+    return fmt::format("dk {} and dv {} must be multiples of {} elements", c_.dk, c_.dv, 16 / es);
+  }
+  const auto bytes =
+      static_cast<size_t>(cuda::short_layout(c_.heads_per_group(), c_.dk, c_.dv, c_.gate_hidden,
+                                             c_.l, c_.l_sel, cache.cap_cmp, es)
+                              .bytes);
+  if (bytes > dyn_smem_limit(kMaxShortSmem)) {
+    return fmt::format("it needs {} KiB of shared memory per block, at most {} KiB are available",
+                       bytes >> 10, dyn_smem_limit(kMaxShortSmem) >> 10);
+  }
+  return {};
 }
 
 void CudaBackend::probe(const char* name) {
@@ -892,6 +951,14 @@ void CudaBackend::enqueue_kernels(const StepParams& p) {
            dim3(RG, static_cast<unsigned>(p.n_sel_splits)), dim3(cuda::kFusedThreads),
            cuda::fused_smem_bytes(p.h, p.dk, p.dv, p.g_hid, p.l, p.d, p.l_sel, p.nb_cap,
                                   p.n_sel_splits),
+           p);
+    return;
+  }
+  if (p.short_decode) {
+    const auto bytes = static_cast<size_t>(
+        cuda::short_layout(p.h, p.dk, p.dv, p.g_hid, p.l, p.l_sel, p.cap_cmp, sizeof(T)).bytes);
+    launch("short_decode", cuda::nsa_short_decode_kernel<T>,
+           dim3(RG, static_cast<unsigned>(p.n_sel_splits + 1)), dim3(cuda::kShortThreads), bytes,
            p);
     return;
   }

@@ -47,6 +47,9 @@ struct StepParams {
   uint32_t* rg_done;   // [R, G] fused decode: blocks of the (row, group) finished; zero between
                        // launches
   int fused_decode;    // 1: the step runs as nsa_fused_decode_kernel (decode, T = 1)
+  // 1: the step runs as nsa_short_decode_kernel (decode, T = 1, a short cache): n_sel_splits =
+  // n_win_splits = the cache's selection blocks (one split slot per block), n_cmp_splits = 1.
+  int short_decode;
   // Development aid: the fused kernel's block (0, 0) writes its SM clock at each phase boundary
   // here ([kFusedStamps], unwritten entries keep their value); null: no stamps.
   long long* stamps;
