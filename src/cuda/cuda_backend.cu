@@ -1452,7 +1452,7 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
     StepParams pe = p;
     DeviceBuffer stamps(sizeof(long long) * cuda::kFusedStamps);
     std::vector<std::vector<long long>> phases(cuda::kFusedStamps - 1);
-    if (p.fused_decode) pe.stamps = stamps.as<long long>();
+    if (p.fused_decode || p.short_decode) pe.stamps = stamps.as<long long>();
     for (int64_t i = 0; i < n; ++i) {
       NSA_CUDA_CHECK(cudaMemcpyAsync(x_.get(), pool.as<uint8_t>() + i * step_bytes, step_bytes,
                                      cudaMemcpyDeviceToDevice, stream_));
@@ -1485,11 +1485,17 @@ std::vector<double> CudaBackend::time_decode(CacheState& state, const std::vecto
     for (auto& [name, us] : per_kernel) line += fmt::format(" {} {:.1f}", name, upper_median(us));
     fmt::print(stderr, "kernel us (median, eager):{}\n", line);
     if (pe.stamps) {
-      const char* names[] = {"prepare", "cmp", "score", "select", "sel", "win", "finish"};
+      const char* fused_names[] = {"prepare", "cmp", "score", "select", "sel", "win", "finish"};
+      const char* short_names[] = {"length", "loads",    "rope+emit", "logits+gate",
+                                   "select", "partials", "combine"};
+      const char* const* names = p.short_decode ? short_names : fused_names;
       line.clear();
       for (int k = 0; k + 1 < cuda::kFusedStamps; ++k)
         line += fmt::format(" {} {}", names[k], upper_median(phases[static_cast<size_t>(k)]));
-      fmt::print(stderr, "fused phases, SM clocks (median, block 0):{}\n", line);
+      fmt::print(
+          stderr, "{} phases, SM clocks (median, {}):{}\n", p.short_decode ? "short" : "fused",
+          p.short_decode ? "the block of sequence 0, group 0 holding the new token" : "block 0",
+          line);
     }
   }
   cudaGraph_t graph = nullptr;

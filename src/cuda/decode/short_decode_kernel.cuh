@@ -150,6 +150,7 @@ __global__ void __launch_bounds__(kShortThreads)
   __shared__ bool last;
   pdl_wait(p.pdl);
   pdl_launch_dependents(p.pdl);
+  const long long clock0 = clock64();
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int lane = tid % 32, warp = tid / 32, n_warps = nthreads / 32;
   const int64_t rg = blockIdx.x, r = div32(rg, p.G), g = mod32(rg, p.G);
@@ -195,6 +196,14 @@ __global__ void __launch_bounds__(kShortThreads)
     finish_block();
     return;
   }
+  // Development aid (NSA_CUDA_KERNEL_TIMES=1): SM clocks at the phase boundaries of the block of
+  // (row 0, group 0) that holds the new token.
+  const bool stamping = p.stamps != nullptr && rg == 0 && y == t / l_sel && tid == 0;
+  auto stamp = [&](int i) {
+    if (stamping) p.stamps[i] = clock64();
+  };
+  if (stamping) p.stamps[0] = clock0;
+  stamp(1);
   const int n_cmp_old = static_cast<int>(num_cmp(L - 1, p.l, p.d));
   const bool emit = L >= l && (L - l) % p.d == 0;
   const int n_cmp = n_cmp_old + (emit ? 1 : 0);
@@ -250,6 +259,7 @@ __global__ void __launch_bounds__(kShortThreads)
     cp_async_wait<0>();
     __syncthreads();
   }
+  stamp(2);
 
   // --- RoPE of the group's queries and the new token's keys, and the new token's rows ---------
   const int half = dk / 2;
@@ -332,6 +342,7 @@ __global__ void __launch_bounds__(kShortThreads)
     u[e] = s / static_cast<float>(h);
   }
   __syncthreads();
+  stamp(3);
 
   // --- Gate's hidden layer; compressed logits ---------------------------------------------------
   for (int i = warp; i < g_hid; i += n_warps) {
@@ -371,6 +382,7 @@ __global__ void __launch_bounds__(kShortThreads)
     }
   }
   __syncthreads();
+  stamp(4);
   const bool need_cmp = p.compute_all || gate[0] != 0.f;
   const bool need_sel = p.compute_all || gate[1] != 0.f;
   const bool need_win = p.w > 0 && (p.compute_all || gate[2] != 0.f);
@@ -414,19 +426,28 @@ __global__ void __launch_bounds__(kShortThreads)
     sel_mask = 0u;
   }
   __syncthreads();
+  stamp(5);
   const uint32_t mask = sel_mask;
 
   // --- This block's partials: the chunk's selected and window keys, or the compressed branch ---
   const int64_t NS = n_splits_total(p);
   auto part = [&](int64_t slot) { return (rg * NS + slot) * h; };
+  // P V with four independent sums per thread (one sum would be a chain of dependent FMAs).
+  auto pv = [&](const float* pr, const T* vt, int n, int e) {
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) a[q] += pr[j + q] * to_f32(vt[(j + q) * dv + e]);
+    }
+    for (; j < n; ++j) a[0] += pr[j] * to_f32(vt[j * dv + e]);
+    return (a[0] + a[1]) + (a[2] + a[3]);
+  };
   if (cmp_block) {
     if (need_cmp && n_cmp > 0) {
       for (int idx = tid; idx < h * dv; idx += nthreads) {
         const int hh = idx / dv, e = idx % dv;
-        const float* pr = lg_cmp + hh * cap_cmp;
-        float a = 0.f;
-        for (int i = 0; i < n_cmp; ++i) a += pr[i] * to_f32(vc[i * dv + e]);
-        p.part_o[(part(0) + hh) * dv + e] = a;
+        p.part_o[(part(0) + hh) * dv + e] = pv(lg_cmp + hh * cap_cmp, vc, n_cmp, e);
       }
       for (int hh = tid; hh < h; hh += nthreads) {
         p.part_m[part(0) + hh] = stats[hh];
@@ -454,17 +475,16 @@ __global__ void __launch_bounds__(kShortThreads)
       }
     }
     __syncthreads();
-    for (int k = 0; k < 2; ++k) {
-      if (n[k] == 0) continue;
-      for (int idx = tid; idx < h * dv; idx += nthreads) {
-        const int hh = idx / dv, e = idx % dv;
-        const float* pr = lg_tile + (k * h + hh) * l_sel;
-        float a = 0.f;
-        for (int j = 0; j < n[k]; ++j) a += pr[j] * to_f32(tile_v[k][j * dv + e]);
-        p.part_o[(part(slot[k]) + hh) * dv + e] = a;
-      }
+    // Both tiles' outputs at once: h dv tasks each.
+    const int tasks0 = n[0] > 0 ? h * dv : 0, tasks = tasks0 + (n[1] > 0 ? h * dv : 0);
+    for (int task = tid; task < tasks; task += nthreads) {
+      const int k = task < tasks0 ? 0 : 1, idx = k == 0 ? task : task - tasks0;
+      const int hh = idx / dv, e = idx % dv;
+      p.part_o[(part(slot[k]) + hh) * dv + e] =
+          pv(lg_tile + (k * h + hh) * l_sel, tile_v[k], n[k], e);
     }
   }
+  stamp(6);
 
   // --- The last live block of the (row, group) combines -----------------------------------------
   __threadfence();  // this block's partials are visible before it is counted
@@ -476,6 +496,9 @@ __global__ void __launch_bounds__(kShortThreads)
     return;
   }
   __threadfence();
+  // Stamp 7 (row 0, group 0): stamp 6 plus this combine's own clocks (the last block may run on
+  // another SM than the stamping block; the counter's wait is left out).
+  const long long combine0 = clock64();
   // Splits of each branch: lane bit k of `valid[branch]` is split k (cmp: 0; window, sel: chunk).
   const int w_first = p.w > 0 ? max(0, t - static_cast<int>(p.w) + 1) / l_sel : 0;
   uint32_t valid[3];
@@ -486,6 +509,19 @@ __global__ void __launch_bounds__(kShortThreads)
     for (int j = w_first; j <= t / l_sel; ++j) valid[2] |= 1u << j;
   }
   auto slot_of = [&](int k, int j) -> int64_t { return k == 0 ? 0 : k == 2 ? 1 + j : 1 + C + j; };
+  // The valid splits of all three branches as one list (branch, split), at most 65 entries.
+  __shared__ uint8_t list_k[1 + 2 * kShortMaxChunks], list_j[1 + 2 * kShortMaxChunks];
+  __shared__ int list_n;
+  if (tid == 0) {
+    int n = 0;
+    for (int k = 0; k < 3; ++k) {
+      for (uint32_t left = valid[k]; left != 0u; left &= left - 1u) {
+        list_k[n] = static_cast<uint8_t>(k);
+        list_j[n++] = static_cast<uint8_t>(__ffs(static_cast<int>(left)) - 1);
+      }
+    }
+    list_n = n;
+  }
   for (int task = warp; task < 3 * h; task += n_warps) {
     const int hh = task / 3, k = task % 3;
     const bool mine = (valid[k] >> lane) & 1u;
@@ -498,30 +534,31 @@ __global__ void __launch_bounds__(kShortThreads)
     weight[(hh * 3 + k) * kShortMaxChunks + lane] = mine && S > 0.f ? expf(m - M) / S : 0.f;
   }
   __syncthreads();
+  const int n_list = list_n;
   for (int idx = tid; idx < h * dv; idx += nthreads) {
     const int hh = idx / dv, e = idx % dv;
-    float out[3];
-    for (int k = 0; k < 3; ++k) {
-      // Up to 8 splits' loads in flight before their sums (__ldcg is not reordered).
-      float acc = 0.f;
-      uint32_t left = valid[k];
-      while (left != 0u) {
-        constexpr int kBatch = 8;
-        int js[kBatch];
-        float v[kBatch];
-        int nj = 0;
-        for (; nj < kBatch && left != 0u; ++nj) {
-          js[nj] = __ffs(static_cast<int>(left)) - 1;
-          left &= left - 1u;
-        }
+    float out[3] = {0.f, 0.f, 0.f};
+    // 32 splits' loads in flight before their sums (__ldcg is not reordered).
+    constexpr int kBatch = 32;
+    for (int q0 = 0; q0 < n_list; q0 += kBatch) {
+      float v[kBatch];
 #pragma unroll
-        for (int q = 0; q < kBatch; ++q)
-          v[q] = q < nj ? __ldcg(p.part_o + (part(slot_of(k, js[q])) + hh) * dv + e) : 0.f;
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q)
-          if (q < nj) acc += weight[(hh * 3 + k) * kShortMaxChunks + js[q]] * v[q];
+      for (int q = 0; q < kBatch; ++q) {
+        v[q] =
+            q0 + q < n_list
+                ? __ldcg(p.part_o + (part(slot_of(list_k[q0 + q], list_j[q0 + q])) + hh) * dv + e)
+                : 0.f;
       }
-      out[k] = acc;
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (q0 + q < n_list) {
+          const int k = list_k[q0 + q];
+          const float wv = weight[(hh * 3 + k) * kShortMaxChunks + list_j[q0 + q]] * v[q];
+          out[0] += k == 0 ? wv : 0.f;
+          out[1] += k == 1 ? wv : 0.f;
+          out[2] += k == 2 ? wv : 0.f;
+        }
+      }
     }
     const int64_t o_at = (r * p.H + g * h + hh) * dv + e;
     if (p.compute_all) {
@@ -553,6 +590,9 @@ __global__ void __launch_bounds__(kShortThreads)
     rd[2] = p.w > 0 ? min(static_cast<int>(p.w), L) : 0;
     for (int k = 0; k < 3; ++k) p.gates[rg * 3 + k] = gate[k];
     p.rg_done[rg] = 0u;
+    if (p.stamps != nullptr && rg == 0) {
+      p.stamps[7] = __ldcg(p.stamps + 6) + (clock64() - combine0);
+    }
   }
   finish_block();
 }

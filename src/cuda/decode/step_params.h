@@ -50,8 +50,9 @@ struct StepParams {
   // 1: the step runs as nsa_short_decode_kernel (decode, T = 1, a short cache): n_sel_splits =
   // n_win_splits = the cache's selection blocks (one split slot per block), n_cmp_splits = 1.
   int short_decode;
-  // Development aid: the fused kernel's block (0, 0) writes its SM clock at each phase boundary
-  // here ([kFusedStamps], unwritten entries keep their value); null: no stamps.
+  // Development aid: the fused kernel's block (0, 0) (the short kernel's block of (row 0, group
+  // 0) that holds the new token) writes its SM clock at each phase boundary here
+  // ([kFusedStamps], unwritten entries keep their value); null: no stamps.
   long long* stamps;
   int64_t advance;
 
