@@ -110,8 +110,11 @@ __device__ __forceinline__ void short_copy_words(void* dst, const void* src, int
 }
 
 // q . k over dk elements: q f32 in shared memory, k a padded key row (16-byte aligned).
+// The helpers below are not inlined: the kernel's phases each run once per block, so its time
+// goes largely to fetching instructions (v37b measured ~5k SM clocks per phase whatever the work,
+// and more unrolled code made it slower); one copy of a helper serves every phase that calls it.
 template <typename T>
-__device__ __forceinline__ float short_dot(const float* q, const T* k, int dk) {
+__device__ __noinline__ float short_dot(const float* q, const T* k, int dk) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   float a[4] = {0.f, 0.f, 0.f, 0.f};
   for (int e = 0; e < dk; e += kPer) {
@@ -123,8 +126,22 @@ __device__ __forceinline__ float short_dot(const float* q, const T* k, int dk) {
   return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
+// sum_j pr[j] v[j][e] over n rows of width dv, with four independent sums (one sum would be a
+// chain of dependent FMAs).
+template <typename T>
+__device__ __noinline__ float short_pv(const float* pr, const T* vt, int n, int dv, int e) {
+  float a[4] = {0.f, 0.f, 0.f, 0.f};
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] += pr[j + q] * to_f32(vt[(j + q) * dv + e]);
+  }
+  for (; j < n; ++j) a[0] += pr[j] * to_f32(vt[j * dv + e]);
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
 // Max and sum of exp(x - max) of x[0, n), replaced by exp(x - max), by one warp (n >= 1).
-__device__ __forceinline__ void short_softmax_row(float* x, int n, float& m_out, float& s_out) {
+__device__ __noinline__ void short_softmax_row(float* x, int n, float& m_out, float& s_out) {
   const int lane = threadIdx.x % 32;
   float m = -FLT_MAX;
   for (int j = lane; j < n; j += 32) m = fmaxf(m, x[j]);
@@ -432,17 +449,7 @@ __global__ void __launch_bounds__(kShortThreads)
   // --- This block's partials: the chunk's selected and window keys, or the compressed branch ---
   const int64_t NS = n_splits_total(p);
   auto part = [&](int64_t slot) { return (rg * NS + slot) * h; };
-  // P V with four independent sums per thread (one sum would be a chain of dependent FMAs).
-  auto pv = [&](const float* pr, const T* vt, int n, int e) {
-    float a[4] = {0.f, 0.f, 0.f, 0.f};
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) a[q] += pr[j + q] * to_f32(vt[(j + q) * dv + e]);
-    }
-    for (; j < n; ++j) a[0] += pr[j] * to_f32(vt[j * dv + e]);
-    return (a[0] + a[1]) + (a[2] + a[3]);
-  };
+  auto pv = [&](const float* pr, const T* vt, int n, int e) { return short_pv(pr, vt, n, dv, e); };
   if (cmp_block) {
     if (need_cmp && n_cmp > 0) {
       for (int idx = tid; idx < h * dv; idx += nthreads) {
@@ -538,8 +545,9 @@ __global__ void __launch_bounds__(kShortThreads)
   for (int idx = tid; idx < h * dv; idx += nthreads) {
     const int hh = idx / dv, e = idx % dv;
     float out[3] = {0.f, 0.f, 0.f};
-    // 32 splits' loads in flight before their sums (__ldcg is not reordered).
-    constexpr int kBatch = 32;
+    // 8 splits' loads in flight before their sums (__ldcg is not reordered; a batch of 32
+    // measured slower: more code to fetch).
+    constexpr int kBatch = 8;
     for (int q0 = 0; q0 < n_list; q0 += kBatch) {
       float v[kBatch];
 #pragma unroll
