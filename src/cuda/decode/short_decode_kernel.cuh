@@ -568,17 +568,7 @@ __global__ void __launch_bounds__(kShortThreads)
         }
       }
     }
-    const int64_t o_at = (r * p.H + g * h + hh) * dv + e;
-    if (p.compute_all) {
-      p.o_cmp[o_at] = out[0];
-      p.o_sel[o_at] = out[1];
-      p.o_win[o_at] = out[2];
-    }
-    float o = 0.f;
-    for (int k = 0; k < 3; ++k) {
-      if (gate[k] != 0.f) o += gate[k] * out[k];
-    }
-    static_cast<T*>(p.o)[o_at] = from_f32<T>(o);
+    write_gated<T>(p, (r * p.H + g * h + hh) * dv + e, gate, out);
   }
   // The selection as the step kernels leave it: sorted blocks, count, reads; and the gates.
   int32_t* blocks = p.sel_blocks + rg * p.n_sel;

@@ -552,6 +552,23 @@ inline size_t ffma_smem_bytes(int64_t h, int64_t dk, int64_t dv) {
 }
 
 // --- 5. LSE combine of the three branches and gate mix ----------------------------------------
+// Element `at` of the gated output o from the three branch outputs (zero-gated ones left out),
+// and with p.compute_all the branch outputs themselves (only read back for inspection).
+template <typename T>
+__device__ __forceinline__ void write_gated(const StepParams& p, int64_t at, const float* gate,
+                                            const float (&out)[3]) {
+  if (p.compute_all) {
+    p.o_cmp[at] = out[0];
+    p.o_sel[at] = out[1];
+    p.o_win[at] = out[2];
+  }
+  float o = 0.f;
+  for (int k = 0; k < 3; ++k) {
+    if (gate[k] != 0.f) o += gate[k] * out[k];
+  }
+  static_cast<T*>(p.o)[at] = from_f32<T>(o);
+}
+
 // Heads [hh0, hh0 + nh) of (row r, group g). weight: [nh][3][ws] floats, ws >= the splits of
 // every branch. The partials are read through L2 (__ldcg): in the fused decode kernel other
 // blocks of the same launch wrote them.
@@ -628,17 +645,7 @@ __device__ __forceinline__ void combine_heads(const StepParams& p, int64_t r, in
         for (int u = 0; u < kBatch; ++u) out[k] += s0 + u < n[k] ? wk[k][u + s0] * v[k][u] : 0.f;
       }
     }
-    const int64_t at = (r * p.H + g * p.h + hh) * p.dv + e;
-    if (p.compute_all) {  // per-branch outputs are only read back for inspection
-      p.o_cmp[at] = out[0];
-      p.o_sel[at] = out[1];
-      p.o_win[at] = out[2];
-    }
-    float o = 0.f;
-    for (int k = 0; k < 3; ++k) {
-      if (gate[k] != 0.f) o += gate[k] * out[k];
-    }
-    static_cast<T*>(p.o)[at] = from_f32<T>(o);
+    write_gated<T>(p, (r * p.H + g * p.h + hh) * p.dv + e, gate, out);
   }
 }
 
