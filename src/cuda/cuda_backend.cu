@@ -285,9 +285,10 @@ class CudaBackend final : public Backend {
   void reserve(CudaCache& cache, int64_t tokens) const;
   // Grows the workspace to `rows` rows with `splits` split partials per (row, group); `scoring`:
   // also the per-row compressed logits and block scores of the step kernels (the tiled prefill
-  // keeps its scores in shared memory).
+  // keeps its scores in shared memory); `rg_counters`: the per-(row, group)
+  // counters of the fused and the short decode kernels.
   void ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache, bool scoring,
-                        bool fused);
+                        bool rg_counters);
   // Whether a prefill of T tokens per sequence onto `length` takes the tiled prefill kernels.
   bool tiled_prefill(int64_t length, int64_t T) const;
   template <typename T>
@@ -624,7 +625,7 @@ void CudaBackend::reserve(CudaCache& cache, int64_t tokens) const {
 }
 
 void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache& cache,
-                                   bool scoring, bool fused) {
+                                   bool scoring, bool rg_counters) {
   // Each buffer grows on its own (contents are not kept: they live within one step).
   auto grow = [](DeviceBuffer& buf, int64_t n, size_t elem) {
     const size_t bytes = static_cast<size_t>(n) * elem;
@@ -652,8 +653,8 @@ void CudaBackend::ensure_workspace(int64_t rows, int64_t splits, const CudaCache
     done_ = DeviceBuffer(sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(done_.get(), 0, done_.bytes()));
   }
-  // The fused decode kernel's per-(row, group) counters, zeroed; only that kernel uses them.
-  if (fused && rg_done_.bytes() < static_cast<size_t>(rows * G) * sizeof(uint32_t)) {
+  // The fused and short decode kernels' per-(row, group) counters, zeroed; only they use them.
+  if (rg_counters && rg_done_.bytes() < static_cast<size_t>(rows * G) * sizeof(uint32_t)) {
     rg_done_ = DeviceBuffer(static_cast<size_t>(rows * G) * sizeof(uint32_t));
     NSA_CUDA_CHECK(cudaMemset(rg_done_.get(), 0, rg_done_.bytes()));
   }

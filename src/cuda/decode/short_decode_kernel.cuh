@@ -41,7 +41,7 @@ struct ShortLayout {
   int64_t lg_cmp;                      // f32 [h][cap_cmp] compressed logits, then exp(x - M)
   int64_t lg_tile;                     // f32 [2][h][l_sel] the chunk's sel and window logits
   int64_t u, hid, pc, score;           // f32 [dk], [g_hid], [cap_cmp], [kShortMaxChunks]
-  int64_t stats;                       // f32 [6][h]: M, S of cmp, sel, window
+  int64_t stats;                       // f32 [2][h]: max and sum of the compressed softmax
   int64_t weight;                      // f32 [h][3][kShortMaxChunks] the combine's split weights
   int64_t bytes;
 };
@@ -81,7 +81,7 @@ NSA_HOST_DEVICE inline ShortLayout short_layout(int64_t h, int64_t dk, int64_t d
   s.hid = take(4 * g_hid);
   s.pc = take(4 * cap_cmp);
   s.score = take(4 * kShortMaxChunks);
-  s.stats = take(4 * 6 * h);
+  s.stats = take(4 * 2 * h);
   s.weight = take(4 * h * 3 * kShortMaxChunks);
   s.bytes = at;
   return s;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kShortThreads)
   float* hid = reinterpret_cast<float*>(at(lay.hid));
   float* pc = reinterpret_cast<float*>(at(lay.pc));
   float* score = reinterpret_cast<float*>(at(lay.score));
-  float* stats = reinterpret_cast<float*>(at(lay.stats));  // [6][h]
+  float* stats = reinterpret_cast<float*>(at(lay.stats));  // [2][h]
   float* weight = reinterpret_cast<float*>(at(lay.weight));
   const float* fc1_w = reinterpret_cast<const float*>(at(lay.fc1_w));
   const float* fc1_b = reinterpret_cast<const float*>(at(lay.fc1_b));

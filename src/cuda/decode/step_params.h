@@ -44,8 +44,8 @@ struct StepParams {
   int64_t* len_out;    // [1] advanced by `advance` by the combine's last block (or null)
   uint32_t* done;      // [1] combine blocks (or fused (row, group)s) finished; zero between
                        // launches
-  uint32_t* rg_done;   // [R, G] fused decode: blocks of the (row, group) finished; zero between
-                       // launches
+  uint32_t* rg_done;   // [R, G] fused and short decode: blocks of the (row, group) finished;
+                       // zero between launches
   int fused_decode;    // 1: the step runs as nsa_fused_decode_kernel (decode, T = 1)
   // 1: the step runs as nsa_short_decode_kernel (decode, T = 1, a short cache): n_sel_splits =
   // n_win_splits = the cache's selection blocks (one split slot per block), n_cmp_splits = 1.
