@@ -40,7 +40,7 @@ struct ShortLayout {
   int64_t k_sel, v_sel, k_win, v_win;  // chunk blocks (same region): T [l_sel][k_ld], [l_sel][dv]
   int64_t lg_cmp;                      // f32 [h][cap_cmp] compressed logits, then exp(x - M)
   int64_t lg_tile;                     // f32 [2][h][l_sel] the chunk's sel and window logits
-  int64_t u, hid, pc, score;           // f32 [dk], [g_hid], [cap_cmp], [kShortMaxChunks]
+  int64_t u, hid;                      // f32 [dk], [g_hid]
   int64_t stats;                       // f32 [2][h]: max and sum of the compressed softmax
   int64_t weight;                      // f32 [h][3][kShortMaxChunks] the combine's split weights
   int64_t bytes;
@@ -79,8 +79,6 @@ NSA_HOST_DEVICE inline ShortLayout short_layout(int64_t h, int64_t dk, int64_t d
   s.lg_tile = take(4 * 2 * h * l_sel);
   s.u = take(4 * dk);
   s.hid = take(4 * g_hid);
-  s.pc = take(4 * cap_cmp);
-  s.score = take(4 * kShortMaxChunks);
   s.stats = take(4 * 2 * h);
   s.weight = take(4 * h * 3 * kShortMaxChunks);
   s.bytes = at;
@@ -110,11 +108,8 @@ __device__ __forceinline__ void short_copy_words(void* dst, const void* src, int
 }
 
 // q . k over dk elements: q f32 in shared memory, k a padded key row (16-byte aligned).
-// The helpers below are not inlined: the kernel's phases each run once per block, so its time
-// goes largely to fetching instructions (v37b measured ~5k SM clocks per phase whatever the work,
-// and more unrolled code made it slower); one copy of a helper serves every phase that calls it.
 template <typename T>
-__device__ __noinline__ float short_dot(const float* q, const T* k, int dk) {
+__device__ __forceinline__ float short_dot(const float* q, const T* k, int dk) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   float a[4] = {0.f, 0.f, 0.f, 0.f};
   for (int e = 0; e < dk; e += kPer) {
@@ -129,7 +124,7 @@ __device__ __noinline__ float short_dot(const float* q, const T* k, int dk) {
 // sum_j pr[j] v[j][e] over n rows of width dv, with four independent sums (one sum would be a
 // chain of dependent FMAs).
 template <typename T>
-__device__ __noinline__ float short_pv(const float* pr, const T* vt, int n, int dv, int e) {
+__device__ __forceinline__ float short_pv(const float* pr, const T* vt, int n, int dv, int e) {
   float a[4] = {0.f, 0.f, 0.f, 0.f};
   int j = 0;
   for (; j + 4 <= n; j += 4) {
@@ -141,7 +136,7 @@ __device__ __noinline__ float short_pv(const float* pr, const T* vt, int n, int 
 }
 
 // Max and sum of exp(x - max) of x[0, n), replaced by exp(x - max), by one warp (n >= 1).
-__device__ __noinline__ void short_softmax_row(float* x, int n, float& m_out, float& s_out) {
+__device__ __forceinline__ void short_softmax_row(float* x, int n, float& m_out, float& s_out) {
   const int lane = threadIdx.x % 32;
   float m = -FLT_MAX;
   for (int j = lane; j < n; j += 32) m = fmaxf(m, x[j]);
@@ -191,8 +186,6 @@ __global__ void __launch_bounds__(kShortThreads)
   float* lg_tile = reinterpret_cast<float*>(at(lay.lg_tile));
   float* u = reinterpret_cast<float*>(at(lay.u));
   float* hid = reinterpret_cast<float*>(at(lay.hid));
-  float* pc = reinterpret_cast<float*>(at(lay.pc));
-  float* score = reinterpret_cast<float*>(at(lay.score));
   float* stats = reinterpret_cast<float*>(at(lay.stats));  // [2][h]
   float* weight = reinterpret_cast<float*>(at(lay.weight));
   const float* fc1_w = reinterpret_cast<const float*>(at(lay.fc1_w));
@@ -406,40 +399,32 @@ __global__ void __launch_bounds__(kShortThreads)
 
   // --- Scores and the top-n, the same in every block -------------------------------------------
   const int nb = L / l_sel;  // complete selection blocks
-  if (need_sel) {
-    for (int i = tid; i < n_cmp; i += nthreads) {
-      float s = 0.f;
-      for (int hh = 0; hh < h; ++hh) s += lg_cmp[hh * cap_cmp + i] * (1.f / stats[h + hh]);
-      pc[i] = s;
-    }
-    __syncthreads();
-    for (int j = tid; j < nb; j += nthreads) {
-      const int64_t lo_num = int64_t{j} * l_sel - p.l + 1;
+  if (need_sel && warp == 0) {
+    // One warp, no barrier: lane j scores selection block j (nb <= 32) straight from the
+    // compressed softmax (the head-summed p_cmp of each overlapping compressed token, spread by
+    // overlap), then ranks it among the candidates by shuffles.
+    float sc = 0.f;
+    if (lane < nb) {
+      const int64_t j = lane, lo_num = j * l_sel - p.l + 1;
       const int64_t i_lo = lo_num <= 0 ? 0 : div32(lo_num + p.d - 1, p.d);
-      const int64_t i_hi = min(int64_t{n_cmp} - 1, div32((int64_t{j} + 1) * l_sel - 1, p.d));
-      float sc = 0.f;
+      const int64_t i_hi = min(int64_t{n_cmp} - 1, div32((j + 1) * l_sel - 1, p.d));
       for (int64_t i = i_lo; i <= i_hi; ++i) {
-        sc +=
-            pc[i] * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
+        float ps = 0.f;
+        for (int hh = 0; hh < h; ++hh) ps += lg_cmp[hh * cap_cmp + i] * (1.f / stats[h + hh]);
+        sc += ps * static_cast<float>(overlap(i, j, p.l, p.d, p.l_sel)) / static_cast<float>(p.l);
       }
-      score[j] = sc;
     }
-    __syncthreads();
-    if (warp == 0) {
-      const Forced fb = forced_blocks(t, nb, l_sel, p.n_sel);
-      auto forced = [&](int j) {
-        bool f = false;
-        for (int k = 0; k < fb.n; ++k) f = f || fb.block[k] == j;
-        return f;
-      };
-      const uint64_t key = lane < nb && !forced(lane) ? rank_key(score[lane], lane) : 0ull;
-      int above = 0;
-      for (int k = 0; k < nb; ++k) above += !forced(k) && rank_key(score[k], k) > key;
-      uint32_t mask = __ballot_sync(0xffffffffu, key != 0ull && above < fb.take);
-      for (int k = 0; k < fb.n; ++k) mask |= 1u << fb.block[k];
-      if (lane == 0) sel_mask = mask;
-    }
-  } else if (tid == 0) {
+    const Forced fb = forced_blocks(t, nb, l_sel, p.n_sel);
+    bool is_forced = false;
+    for (int k = 0; k < fb.n; ++k) is_forced = is_forced || fb.block[k] == lane;
+    // Forced blocks and lanes past nb hold key 0: never a candidate, never above one.
+    const uint64_t key = lane < nb && !is_forced ? rank_key(sc, lane) : 0ull;
+    int above = 0;
+    for (int k = 0; k < nb; ++k) above += __shfl_sync(0xffffffffu, key, k) > key;
+    uint32_t mask = __ballot_sync(0xffffffffu, key != 0ull && above < fb.take);
+    for (int k = 0; k < fb.n; ++k) mask |= 1u << fb.block[k];
+    if (lane == 0) sel_mask = mask;
+  } else if (!need_sel && tid == 0) {
     sel_mask = 0u;
   }
   __syncthreads();
