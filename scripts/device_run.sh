@@ -10,6 +10,8 @@
 # measurement-only calls; a change is not landed without a call that ran it). NSA_SKIP_CTEST=1
 # runs the GPU suites (Cuda.*) without the rest of ctest (CI runs that). NSA_COMMIT=<hash>
 # names the commit in `nsa info` and the results where the copied tree's .git is stale.
+# NSA_RACECHECK_FILTER=<gtest filter> narrows racecheck (slow) to the tests of the kernels a change
+# touched; memcheck always runs the whole list.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -42,9 +44,13 @@ log "compute-sanitizer memcheck + racecheck"
 # racecheck also reports shared-memory hazards inside cuBLAS's own 16-bit GEMM kernels (nvjet_*),
 # which are not ours to fix; they are counted apart. (Filtering racecheck to our kernels with
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
+SANITIZE_LIST='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*:Cuda.ShortDecode*'
 for tool in memcheck racecheck; do
+  filter=$SANITIZE_LIST
+  [ $tool = racecheck ] && filter=${NSA_RACECHECK_FILTER:-$SANITIZE_LIST}
+  echo "$tool: $filter" >> "$OUT/summary.txt"
   timeout 400 compute-sanitizer --tool $tool ./build-dev/tests/nsa_tests \
-    --gtest_filter='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*:Cuda.ShortDecode*' > sanitizer_$tool.log 2>&1
+    --gtest_filter="$filter" > sanitizer_$tool.log 2>&1
   rc=$?
   ours=$(grep -E "Race reported|Invalid|Internal" sanitizer_$tool.log | grep -vc "nvjet_")
   theirs=$(grep -E "Race reported" sanitizer_$tool.log | grep -c "nvjet_")
