@@ -25,12 +25,13 @@ struct Case {
   int64_t l_sel = 64;
   int64_t S1 = 0;          // > 0: a second prefill of S1 tokens after the first, before the steps
   int64_t l = 32, d = 16;  // compression block and stride
+  int64_t n_sel = 16;
 };
 
 std::string name(const Case& c) {
-  return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l {} d {} l_sel {}", c.H, c.G, c.dk,
-                     c.dv, c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "", c.steps,
-                     to_string(c.dtype), c.l, c.d, c.l_sel);
+  return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l {} d {} l_sel {} n_sel {}", c.H,
+                     c.G, c.dk, c.dv, c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "",
+                     c.steps, to_string(c.dtype), c.l, c.d, c.l_sel, c.n_sel);
 }
 
 Config case_config(const Case& k) {
@@ -42,6 +43,7 @@ Config case_config(const Case& k) {
   c.dv = k.dv;
   c.gate_hidden = k.dk / 2;
   c.l_sel = k.l_sel;
+  c.n_sel = k.n_sel;
   c.l = k.l;
   c.d = k.d;
   return c;
@@ -207,13 +209,18 @@ TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
   }
 }
 
-// More selection blocks than the selection kernel has threads (259 at l_sel 32): the top-n by
-// radix select; fewer blocks take the one-pass rank selection, which every other case covers.
+// More selection blocks than the selection kernel has threads (259 at l_sel 32, 518 at l_sel 16):
+// the top-n by per-warp maxima merged by warp 0, with slices of 33 and 65 blocks per warp, and
+// n_sel 64 (61 to take: more than a warp's slice holds); fewer blocks take the one-pass rank
+// selection, which every other case covers.
 TEST(Cuda, SelectionOverManyBlocksMatchesCpu) {
   REQUIRE_GPU();
   const Case cases[] = {
       {4, 2, 64, 64, 1, 8300, 3, DType::kF32, 32},
       {4, 2, 64, 64, 1, 8300, 3, DType::kBF16, 32},
+      {4, 2, 64, 64, 2, 8300, 3, DType::kF32, 16, 0, 16, 8},
+      {4, 2, 64, 64, 1, 8300, 3, DType::kF32, 32, 0, 32, 16, 64},
+      {4, 2, 64, 64, 1, 8300, 3, DType::kBF16, 32, 0, 32, 16, 64},
   };
   for (const Case& k : cases) check_case(k);
 }
