@@ -127,52 +127,22 @@ __device__ __forceinline__ Forced forced_blocks(int64_t t, int64_t nb, int64_t l
   return f;
 }
 
-// The n largest candidate keys (rank_key) of blocks [lo, hi) by one warp, in descending order,
-// by repeated warp-wide maxima: block j belongs to lane (j - lo) % 32, which keeps the best key of
-// its blocks and rescans them only when its best is taken (a taken block's score becomes -1, so
-// sc is modified). Each maximum is two warp reductions (the high words, then the low words among
-// the lanes holding the top high word), not five rounds of 64-bit shuffles. emit(k, key) receives
-// the k-th largest key, on every lane; returns how many were found (fewer than n when the blocks
-// hold fewer candidates).
-template <typename Emit>
-__device__ __forceinline__ int warp_top_keys(float* sc, int lo, int hi, int n, Emit emit) {
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  auto lane_best = [&]() {
-    uint64_t best = 0ull;
-    for (int j = lo + lane; j < hi; j += 32) best = max(best, rank_key(sc[j], j));
-    return best;
-  };
-  uint64_t best = n > 0 ? lane_best() : 0ull;
-  for (int k = 0; k < n; ++k) {
-    const auto best_hi = static_cast<uint32_t>(best >> 32);
-    const uint32_t top_hi = __reduce_max_sync(0xffffffffu, best_hi);
-    if (top_hi == 0u) return k;  // a candidate's high word is its score's bits + 1 > 0
-    const uint32_t top_lo =
-        __reduce_max_sync(0xffffffffu, best_hi == top_hi ? static_cast<uint32_t>(best) : 0u);
-    emit(k, (static_cast<uint64_t>(top_hi) << 32) | top_lo);
-    const int j = static_cast<int>(0xffffffffu - top_lo);
-    if ((j - lo) % 32 == lane) {
-      sc[j] = -1.f;
-      best = lane_best();
-    }
-  }
-  return n;
-}
-
 // Shared-memory bytes of nsa_score_kernel.
 inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
   return sizeof(float) * static_cast<size_t>(2 * h + score_span(l, d, l_sel));
 }
 
 constexpr int kSelectThreads = 256;
-constexpr int kMaxSelCuda = 64;  // n_sel (the backend refuses more)
 
 // Top-n selection per (row, group): forced blocks (0, current, previous), then the `take` best
-// scored blocks (a rank count where every block has a thread, else per-warp maxima merged by
-// warp 0); reads of the three branches.
+// scored blocks, found as the take-th largest key by a radix select (8 passes of 8 bits over
+// the unique keys: a fixed number of block-wide steps, whatever take is); reads of the three
+// branches.
 // (row, group) rg, with kSelectThreads threads; score: select_smem_bytes.
 __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, float* score) {
-  __shared__ uint64_t prefix;
+  __shared__ uint32_t hist[256];
+  __shared__ uint64_t prefix, mask;
+  __shared__ int64_t remaining;
   __shared__ int64_t all[67];
   __shared__ int n_chosen, n_tokens;
   const int64_t r = div32(rg, p.G);
@@ -201,6 +171,8 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
   const int64_t nf = fb.n, take = fb.take;  // candidates' scores are >= 0
   if (threadIdx.x == 0) {
     prefix = 0ull;
+    mask = 0ull;
+    remaining = take;
     n_chosen = 0;
     n_tokens = 0;
   }
@@ -221,48 +193,50 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
       if (above < take) all[nf + atomicAdd(&n_chosen, 1)] = j;
     }
   } else if (take > 0) {
-    // Many blocks: each warp finds the `take` largest keys of its slice of the blocks
-    // (warp_top_keys), so the block's `take` largest are among the warps' lists; warp 0 merges
-    // the sorted lists (lane w holds the head of list w) up to the take-th key, and the list
-    // entries at or above it are the chosen blocks: 2 take warp maxima on the critical path, no
-    // atomics on shared bins (with the radix select this replaces, the kernel took 12 us at B = 16,
-    // 1,024 blocks, in ncu: 8 passes whose first atomics all hit one or two bins).
-    constexpr int kWarps = kSelectThreads / 32;
-    __shared__ uint64_t lists[kWarps][kMaxSelCuda];
-    __shared__ int list_n[kWarps];
-    const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
-    const int n_warps = static_cast<int>(blockDim.x / 32), n_take = static_cast<int>(take);
-    const int slice = static_cast<int>((nb + n_warps - 1) / n_warps);
-    const int lo = min(static_cast<int>(nb), warp * slice);
-    const int hi = min(static_cast<int>(nb), lo + slice);
-    const int got = warp_top_keys(score, lo, hi, n_take, [&](int k, uint64_t key) {
-      if (lane == 0) lists[warp][k] = key;
-    });
-    if (lane == 0) list_n[warp] = got;
-    __syncthreads();
-    if (warp == 0) {
-      int at = 0;
-      const int n_mine = lane < n_warps ? list_n[lane] : 0;
-      uint64_t head = n_mine > 0 ? lists[lane][0] : 0ull;
-      uint64_t kth = 0ull;
-      for (int k = 0; k < n_take; ++k) {
-        const auto head_hi = static_cast<uint32_t>(head >> 32);
-        const uint32_t top_hi = __reduce_max_sync(0xffffffffu, head_hi);
-        const uint32_t top_lo =
-            __reduce_max_sync(0xffffffffu, head_hi == top_hi ? static_cast<uint32_t>(head) : 0u);
-        kth = (static_cast<uint64_t>(top_hi) << 32) | top_lo;
-        if (head == kth) head = ++at < n_mine ? lists[lane][at] : 0ull;
+    // The take-th largest key, 8 bits per pass from the top: count the candidates that match
+    // the digits found so far, per next digit; the digit where the count from the top reaches
+    // `remaining` is the key's; the candidates above it are all taken.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      hist[threadIdx.x] = 0u;  // kSelectThreads == 256 bins
+      __syncthreads();
+      const uint64_t pre = prefix, msk = mask;
+      for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+        const uint64_t k = rank_key(score[j], j);
+        if (k != 0ull && (k & msk) == pre) atomicAdd(&hist[(k >> shift) & 255u], 1u);
       }
-      if (lane == 0) prefix = kth;  // exactly `take` list entries are >= kth (keys are unique)
+      __syncthreads();
+      if (warp == 0) {  // lane L holds digits 255 - 8 L - u, u < 8: descending over the warp
+        uint32_t c[8], sum = 0;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) sum += (c[u] = hist[255 - 8 * lane - u]);
+        uint32_t incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) {
+          const uint32_t o = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += o;
+        }
+        int64_t above = incl - sum;  // candidates with a larger digit, before this lane
+        const int64_t want = remaining;
+        __syncwarp();  // every lane has read `remaining` before one lane rewrites it
+        if (above < want && want <= static_cast<int64_t>(incl)) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (above < want && want <= above + c[u]) {
+              prefix = pre | (static_cast<uint64_t>(255 - 8 * lane - u) << shift);
+              mask = msk | (0xffull << shift);
+              remaining = want - above;
+            }
+            above += c[u];
+          }
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    const uint64_t kth = prefix;
-    for (int i = static_cast<int>(threadIdx.x); i < n_warps * n_take; i += blockDim.x) {
-      const int w = i / n_take, k = i % n_take;
-      if (k < list_n[w] && lists[w][k] >= kth) {
-        all[nf + atomicAdd(&n_chosen, 1)] =
-            0xffffffffll - static_cast<int64_t>(lists[w][k] & 0xffffffffull);
-      }
+    const uint64_t kth = prefix;  // exactly `take` keys are >= kth (keys are unique)
+    for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
+      const uint64_t k = rank_key(score[j], j);
+      if (k != 0ull && k >= kth) all[nf + atomicAdd(&n_chosen, 1)] = j;
     }
   }
   if (threadIdx.x < nf) all[threadIdx.x] = forced[threadIdx.x];

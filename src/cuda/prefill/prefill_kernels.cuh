@@ -948,8 +948,9 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
   __syncthreads();
   clk.mark(kPfP2Barrier);
   // Top-n per query, one warp per query: forced blocks (0, current, previous), then the `take`
-  // largest keys (score, then lower index; see rank_key) by repeated warp-wide maxima
-  // (warp_top_keys).
+  // largest keys (score, then lower index; see rank_key) by repeated warp-wide maxima. Block j
+  // belongs to lane j % 32, which keeps the best key of its blocks and rescans only when its
+  // best is taken.
   for (int qi = warp; qi < rw.n_valid; qi += W) {
     const int64_t r = rw.r0 + qi, rg = r * p.G + g, t = rw.t0 + qi, L = t + 1;
     const int64_t n_cmp = num_cmp(L, p.l, p.d);
@@ -978,10 +979,26 @@ __global__ void __launch_bounds__(PfWarps<W>::kThreads, PfWarps<W>::kMinBlocks)
         if (forced[k] < nb) sc[forced[k]] = -1.f;  // -1: not a candidate
     }
     __syncwarp();
-    warp_top_keys(sc, 0, static_cast<int>(nb), static_cast<int>(take), [&](int k, uint64_t key) {
-      if (lane == 0)
-        chosen[warp][nf + k] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(key));
-    });
+    auto lane_best = [&]() {
+      uint64_t best = 0ull;
+      for (int j = lane; j < static_cast<int>(nb); j += 32) best = max(best, rank_key(sc[j], j));
+      return best;
+    };
+    uint64_t best = take > 0 ? lane_best() : 0ull;
+    for (int64_t k = 0; k < take; ++k) {
+      // The warp's largest key: the high words' maximum, then the low words' maximum among the
+      // lanes holding it (two warp reductions, not five 64-bit shuffle rounds).
+      const auto hi = static_cast<uint32_t>(best >> 32);
+      const uint32_t top_hi = __reduce_max_sync(0xffffffffu, hi);
+      const uint32_t top_lo =
+          __reduce_max_sync(0xffffffffu, hi == top_hi ? static_cast<uint32_t>(best) : 0u);
+      const int64_t j = static_cast<int64_t>(0xffffffffu - top_lo);
+      if (lane == 0) chosen[warp][nf + k] = static_cast<int32_t>(j);
+      if (j % 32 == lane) {
+        sc[j] = -1.f;
+        best = lane_best();
+      }
+    }
     if (lane < nf) chosen[warp][lane] = static_cast<int32_t>(forced[lane]);
     __syncwarp();
     const int64_t n = nf + take;
