@@ -27,5 +27,10 @@ for (i, name, grid), m in kernels.items():
     print(f"{i} {name} grid {grid}: " + "; ".join(f"{k} {m[k]}" for k in want if k in m))
 PY
 ncu --import $rep.ncu-rep --page source --print-source cuda,sass --csv > /tmp/b16_src.csv 2>&1
-python3 scripts/ncu_stalls.py /tmp/b16_src.csv attn_tc 40 > "$OUT/ncu_b16_stalls.txt"
-cat "$OUT/ncu_b16_metrics.txt"; head -60 "$OUT/ncu_b16_stalls.txt"
+# NCU_LINES: the kernels whose stalls are listed per source line (default: the tensor-core
+# passes, then the small kernels, whose ~12 us each docs/perf-cuda-decode.md asks about).
+: > "$OUT/ncu_b16_stalls.txt"
+for k in ${NCU_LINES:-attn_tc select prepare}; do
+  python3 scripts/ncu_stalls.py /tmp/b16_src.csv "$k" 25 >> "$OUT/ncu_b16_stalls.txt"
+done
+cat "$OUT/ncu_b16_metrics.txt"; head -120 "$OUT/ncu_b16_stalls.txt"
