@@ -210,8 +210,7 @@ TEST(Cuda, DecodeMatchesCpuAcrossShapes) {
 }
 
 // More selection blocks than the selection kernel has threads (259 at l_sel 32, 518 at l_sel 16):
-// the top-n by radix select (branch next/select-warp-max: per-warp maxima, slices of 33 and 65
-// blocks), also with n_sel 64 (61 to take); fewer blocks take the one-pass rank
+// the top-n by radix select, also with n_sel 64 (61 to take); fewer blocks take the one-pass rank
 // selection, which every other case covers.
 TEST(Cuda, SelectionOverManyBlocksMatchesCpu) {
   REQUIRE_GPU();
