@@ -2,13 +2,17 @@
 # Nsight Compute on the paper-shape decode step at B = 16, S = 64k (bf16): per-kernel memory and
 # occupancy metrics and per-line warp stalls of the step kernels. Run on the device machine after
 # a build in build-dev: scripts/device_ncu_b16.sh. Writes ncu_b16_metrics.txt and
-# ncu_b16_stalls.txt to $OUT.
+# ncu_b16_stalls.txt to $OUT. NCU_KERNELS (a regex) narrows the kernels profiled; NCU_SAMPLING
+# sets the stall sampler's period to 2^(5 + value) cycles (default auto, which leaves a kernel of
+# ~20k cycles only a few samples per multiprocessor: 0 gives the small kernels ~200 times more);
+# NCU_SKIP and NCU_COUNT: the matching launches skipped and profiled (default 30 and 12).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 rep=/tmp/b16
 ncu --clock-control none --set full --import-source yes \
-  --kernel-name regex:'nsa_(attn_tc|score|select|prepare|combine)' --launch-skip 30 --launch-count 12 \
+  --warp-sampling-interval "${NCU_SAMPLING:-auto}" \
+  --kernel-name regex:"${NCU_KERNELS:-nsa_(attn_tc|score|select|prepare|combine)}" --launch-skip "${NCU_SKIP:-30}" --launch-count "${NCU_COUNT:-12}" \
   -f -o $rep ./build-dev/nsa bench decode --B 16 --dim 2560 --heads 64 --groups 4 --dk 192 --dv 128 \
   --S_list 65536 --iters 4 --warmup 2 --device cuda --dtype bf16 --fill random > /tmp/ncu_b16.log 2>&1 ||
   tail -20 /tmp/ncu_b16.log

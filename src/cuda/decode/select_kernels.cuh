@@ -64,19 +64,34 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   }
   __syncthreads();
   const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-    // Eight heads' logits in flight at a time (summed in head order, as before).
-    float ps = 0.f;
+  // Two tokens of 16 heads' logits in flight per thread (32 loads, one round trip: the logits
+  // come from DRAM, as the compressed pass's K/V stream evicts them from L2), summed in head
+  // order as before.
+  constexpr int kHeads = 16;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += 2 * blockDim.x) {
+    const int64_t i2 = i + blockDim.x;
+    const bool two = i2 < i1;
+    float ps = 0.f, ps2 = 0.f;
     int64_t hh = 0;
-    for (; hh + 8 <= h; hh += 8) {
-      float x[8];
+    for (; hh + kHeads <= h; hh += kHeads) {
+      float x[kHeads], x2[kHeads];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) x[u] = logits[(hh + u) * p.cap_cmp + i];
+      for (int u = 0; u < kHeads; ++u) {
+        x[u] = logits[(hh + u) * p.cap_cmp + i];
+        x2[u] = two ? logits[(hh + u) * p.cap_cmp + i2] : 0.f;
+      }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) ps += expf(x[u] - M[hh + u]) * invS[hh + u];
+      for (int u = 0; u < kHeads; ++u) {
+        ps += expf(x[u] - M[hh + u]) * invS[hh + u];
+        ps2 += expf(x2[u] - M[hh + u]) * invS[hh + u];
+      }
     }
-    for (; hh < h; ++hh) ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
+    for (; hh < h; ++hh) {
+      ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
+      if (two) ps2 += expf(logits[hh * p.cap_cmp + i2] - M[hh]) * invS[hh];
+    }
     pc[i - i0] = ps;
+    if (two) pc[i2 - i0] = ps2;
   }
   __syncthreads();
   float* out = p.block_scores + rg * p.nb_cap;
@@ -164,8 +179,18 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
     return;
   }
   const int64_t nb = div32(ri.L, p.l_sel);
-  for (int64_t j = threadIdx.x; j < nb; j += blockDim.x)
-    score[j] = p.block_scores[rg * p.nb_cap + j];
+  {  // four loads in flight per thread before any store (a round trip to L2 each otherwise)
+    const float* src = p.block_scores + rg * p.nb_cap;
+    const int64_t stride = blockDim.x;
+    for (int64_t j = threadIdx.x; j < nb; j += 4 * stride) {
+      float v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = j + u * stride < nb ? src[j + u * stride] : 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (j + u * stride < nb) score[j + u * stride] = v[u];
+    }
+  }
   const Forced fb = forced_blocks(ri.t, nb, p.l_sel, p.n_sel);
   const int64_t* forced = fb.block;
   const int64_t nf = fb.n, take = fb.take;  // candidates' scores are >= 0
