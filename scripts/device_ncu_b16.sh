@@ -4,7 +4,7 @@
 # a build in build-dev: scripts/device_ncu_b16.sh. Writes ncu_b16_metrics.txt and
 # ncu_b16_stalls.txt to $OUT. NCU_KERNELS (a regex) narrows the kernels profiled; NCU_SAMPLING
 # sets the stall sampler's period to 2^(5 + value) cycles (default auto, which leaves a kernel of
-# ~20k cycles only a few samples per multiprocessor: 0 gives the small kernels ~200 times more);
+# ~20k cycles only a few samples per multiprocessor: 0 gave the top-n kernel ~14 times more);
 # NCU_SKIP and NCU_COUNT: the matching launches skipped and profiled (default 30 and 12).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
