@@ -26,17 +26,19 @@ struct Case {
   int64_t S1 = 0;          // > 0: a second prefill of S1 tokens after the first, before the steps
   int64_t l = 32, d = 16;  // compression block and stride
   int64_t n_sel = 16;
+  int64_t dim = 64;  // the model dimension (the projections' K and N)
 };
 
 std::string name(const Case& c) {
   return fmt::format("H{} G{} dk{} dv{} B{} S0 {}{} steps {} {} l {} d {} l_sel {} n_sel {}", c.H,
                      c.G, c.dk, c.dv, c.B, c.S0, c.S1 > 0 ? fmt::format(" S1 {}", c.S1) : "",
-                     c.steps, to_string(c.dtype), c.l, c.d, c.l_sel, c.n_sel);
+                     c.steps, to_string(c.dtype), c.l, c.d, c.l_sel, c.n_sel) +
+         (c.dim != 64 ? fmt::format(" dim {}", c.dim) : "");
 }
 
 Config case_config(const Case& k) {
   Config c;  // l 32, d 16, l_sel 64, n_sel 16, w 512
-  c.dim = 64;
+  c.dim = k.dim;
   c.heads = k.H;
   c.groups = k.G;
   c.dk = k.dk;
@@ -392,6 +394,26 @@ TEST(Cuda, MultiTileSplitsMatchCpu) {
         {8, 2, 64, 64, 2, 3000, 6, DType::kF32},
     };
     for (const Case& k : cases) check_case(k);
+  }
+}
+
+// The projections of steps of up to 4 rows run as the backend's own GEMV (cuBLAS beyond, and
+// with NSA_CUDA_GEMV=0): 16-byte loads where the model dimension allows (64), element loads
+// where it does not (61), B = 1 and 3 (GEMV) and 5 (cuBLAS), against the CPU reference.
+TEST(Cuda, FewRowProjectionsMatchCpu) {
+  REQUIRE_GPU();
+  const ScopedEnv path("NSA_CUDA_SHORT_DECODE", "off");
+  for (const char* gemv : {"1", "0"}) {
+    SCOPED_TRACE(fmt::format("NSA_CUDA_GEMV={}", gemv));
+    const ScopedEnv knob("NSA_CUDA_GEMV", gemv);
+    for (const int64_t dim : {64, 61}) {
+      const Case cases[] = {
+          {4, 2, 64, 64, 1, 300, 3, DType::kF32, 64, 0, 32, 16, 16, dim},
+          {4, 2, 64, 64, 3, 300, 3, DType::kBF16, 64, 0, 32, 16, 16, dim},
+          {4, 2, 64, 64, 5, 100, 2, DType::kF16, 64, 0, 32, 16, 16, dim},
+      };
+      for (const Case& k : cases) check_case(k);
+    }
   }
 }
 

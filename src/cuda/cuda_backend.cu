@@ -20,6 +20,7 @@
 
 #include "core/blocks.h"
 #include "cuda/common/check.h"
+#include "cuda/common/gemv.cuh"
 #include "cuda/decode/attn_tc_kernel.cuh"
 #include "cuda/decode/fused_decode_kernel.cuh"
 #include "cuda/decode/select_kernels.cuh"
@@ -330,6 +331,9 @@ class CudaBackend final : public Backend {
                     int attn_slot = -1, int64_t tiled_nb_max = 0);
   template <typename T>
   void enqueue_kernels(const StepParams& p);
+  // out [R, N] (f32) = a [R, K] w [N, K]^T in the storage dtype (nsa_gemv_kernel, R small).
+  void gemv_launch(const char* name, const void* w, const void* a, float* out, int64_t N, int64_t K,
+                   int64_t R, int pdl);
   // Copies n floats at src (device) to dst (host) on copy_stream_ once `ready` has happened
   // (the launch that wrote them is done); adds the host's wait and copy times to wait_ms and
   // copy_ms.
@@ -360,6 +364,9 @@ class CudaBackend final : public Backend {
   size_t dyn_smem_limit(size_t cap, size_t static_bytes = kStaticSmemMargin) const {
     return std::min(cap, smem_optin_ > static_bytes ? smem_optin_ - static_bytes : 0);
   }
+  // The projections of steps of at most cuda::kGemvMaxRows rows by nsa_gemv_kernel instead of
+  // cuBLAS (NSA_CUDA_GEMV=0: cuBLAS always).
+  bool gemv_ = true;
   bool pdl_ = false;  // programmatic dependent launch (sm_90+, NSA_CUDA_PDL=1 turns it on)
   int64_t tiles_per_split_ = 0;  // > 0: fixed split size (NSA_CUDA_TILES_PER_SPLIT, for tests)
   int tc_stages_ = 2;  // key ring depth of the tensor-core kernel (NSA_CUDA_TC_STAGES: 2|3)
@@ -497,6 +504,9 @@ CudaBackend::CudaBackend(const Config& c, const LayerWeights& w, const LayerOpti
     NSA_CHECK(m == "on" || m == "off",
               "NSA_CUDA_FUSED_DECODE: value '{}' is not valid; allowed: on, off", mode);
     fused_ = m == "on";
+  }
+  if (const char* gv = std::getenv("NSA_CUDA_GEMV"); gv != nullptr) {
+    gemv_ = flag_knob("NSA_CUDA_GEMV", gv);
   }
   if (const char* mode = std::getenv("NSA_CUDA_SHORT_DECODE"); mode != nullptr) {
     const std::string_view m(mode);
@@ -1152,13 +1162,52 @@ void CudaBackend::enqueue_prefill_kernels(const StepParams& p, int64_t nb_max) {
          p, 1);
 }
 
+void CudaBackend::gemv_launch(const char* name, const void* w, const void* a, float* out, int64_t N,
+                              int64_t K, int64_t R, int pdl) {
+  const dim3 grid(
+      static_cast<unsigned>((N + cuda::kGemvThreads / 32 - 1) / (cuda::kGemvThreads / 32)));
+  const auto aligned = [&](size_t esize) {
+    return (K * static_cast<int64_t>(esize)) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  };
+  const int n = static_cast<int>(N), k = static_cast<int>(K), r = static_cast<int>(R);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* wt = static_cast<const T*>(w);
+    const T* at = static_cast<const T*>(a);
+    if (aligned(sizeof(T))) {
+      launch(name, cuda::nsa_gemv_kernel<T, true>, grid, dim3(cuda::kGemvThreads), 0, wt, at, out,
+             n, k, r, pdl);
+    } else {
+      launch(name, cuda::nsa_gemv_kernel<T, false>, grid, dim3(cuda::kGemvThreads), 0, wt, at, out,
+             n, k, r, pdl);
+    }
+  };
+  switch (dtype_) {
+    case DType::kF32:
+      go(float{});
+      break;
+    case DType::kBF16:
+      go(__nv_bfloat16{});
+      break;
+    case DType::kF16:
+      go(__half{});
+      break;
+    default:
+      NSA_FAIL("storage dtype {} is not supported by the CUDA backend", to_string(dtype_));
+  }
+}
+
 void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_dev, bool gemms,
                                int attn_slot, int64_t tiled_nb_max) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType_t t = cuda_type(dtype_);
   // proj [R, P] = x [R, dim] W_in^T (column-major view: proj^T = W_in x^T). Without the GEMMs
   // (attention-only timing) the kernels read the projection left by the previous step.
-  if (gemms) {
+  const bool gemv = gemv_ && p.R <= cuda::kGemvMaxRows;
+  if (gemms && gemv) {
+    gemv_launch("gemv_in", w_in_.get(), x_dev, proj_.as<float>(), P_, c_.dim, p.R, p.pdl);
+  } else if (gemms) {
     NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(P_),
                                   static_cast<int>(p.R), static_cast<int>(c_.dim), &one,
                                   w_in_.get(), t, static_cast<int>(c_.dim), x_dev, t,
@@ -1191,6 +1240,10 @@ void CudaBackend::enqueue_step(const StepParams& p, const void* x_dev, float* y_
   if (attn_slot >= 0) NSA_CUDA_CHECK(cudaEventRecord(attn_events_[attn_slot][1], stream_));
   if (!gemms) return;
   const int HDV = static_cast<int>(c_.heads * c_.dv);
+  if (gemv) {
+    gemv_launch("gemv_out", w_out_.get(), o_.get(), y_dev, c_.dim, HDV, p.R, p.pdl);
+    return;
+  }
   NSA_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c_.dim),
                                 static_cast<int>(p.R), HDV, &one, w_out_.get(), t, HDV, o_.get(), t,
                                 HDV, &zero, y_dev, CUDA_R_32F, static_cast<int>(c_.dim),
