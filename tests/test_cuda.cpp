@@ -226,6 +226,18 @@ TEST(Cuda, SelectionOverManyBlocksMatchesCpu) {
   for (const Case& k : cases) check_case(k);
 }
 
+// A context short enough for racecheck (the 8300-token cases outlast its time limit) that still
+// takes the radix select: 262 selection blocks of 8 tokens (l 8, d 4), with random scores, so the
+// passes can stop early where the boundary digit holds exactly the blocks still wanted.
+TEST(Cuda, SelectionRadixShortContextMatchesCpu) {
+  REQUIRE_GPU();
+  const Case cases[] = {
+      {4, 2, 32, 32, 1, 2100, 2, DType::kF32, 8, 0, 8, 4},
+      {4, 2, 32, 32, 2, 2100, 2, DType::kBF16, 8, 0, 8, 4, 32},
+  };
+  for (const Case& k : cases) check_case(k);
+}
+
 // Zero input: q = 0, so every compressed logit is 0 and every interior selection block scores
 // the same. The top-n must break the ties by the lower block index, as the CPU reference does:
 // there the radix select's passes over the index bits decide (with random scores they never do).

@@ -64,34 +64,45 @@ __device__ __forceinline__ void score_chunk(const StepParams& p, int64_t rg, int
   }
   __syncthreads();
   const float* logits = p.cmp_logits + rg * h * p.cap_cmp;
-  // Two tokens of 16 heads' logits in flight per thread (32 loads, one round trip: the logits
-  // come from DRAM, as the compressed pass's K/V stream evicts them from L2), summed in head
-  // order as before.
-  constexpr int kHeads = 16;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += 2 * blockDim.x) {
-    const int64_t i2 = i + blockDim.x;
-    const bool two = i2 < i1;
-    float ps = 0.f, ps2 = 0.f;
+  // kTok tokens of kHeads heads' logits in flight per thread (one round trip: the logits come
+  // from DRAM, as the compressed pass's K/V stream evicts them from L2), summed in head order.
+  // (Loading the first round before the (max, sum) merge above measured slower: 14 -> 19 us at
+  // B = 16, 64k; docs/perf-cuda-decode.md, fifteenth session.)
+  constexpr int kHeads = 16, kTok = 2;
+  const int64_t stride = blockDim.x;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += kTok * stride) {
+    bool in[kTok];
+    float ps[kTok];
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      in[t] = i + t * stride < i1;
+      ps[t] = 0.f;
+    }
     int64_t hh = 0;
     for (; hh + kHeads <= h; hh += kHeads) {
-      float x[kHeads], x2[kHeads];
+      float x[kTok][kHeads];
 #pragma unroll
       for (int u = 0; u < kHeads; ++u) {
-        x[u] = logits[(hh + u) * p.cap_cmp + i];
-        x2[u] = two ? logits[(hh + u) * p.cap_cmp + i2] : 0.f;
+#pragma unroll
+        for (int t = 0; t < kTok; ++t)
+          x[t][u] = in[t] ? logits[(hh + u) * p.cap_cmp + i + t * stride] : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kHeads; ++u) {
-        ps += expf(x[u] - M[hh + u]) * invS[hh + u];
-        ps2 += expf(x2[u] - M[hh + u]) * invS[hh + u];
+#pragma unroll
+        for (int t = 0; t < kTok; ++t) ps[t] += expf(x[t][u] - M[hh + u]) * invS[hh + u];
       }
     }
     for (; hh < h; ++hh) {
-      ps += expf(logits[hh * p.cap_cmp + i] - M[hh]) * invS[hh];
-      if (two) ps2 += expf(logits[hh * p.cap_cmp + i2] - M[hh]) * invS[hh];
+#pragma unroll
+      for (int t = 0; t < kTok; ++t) {
+        if (in[t]) ps[t] += expf(logits[hh * p.cap_cmp + i + t * stride] - M[hh]) * invS[hh];
+      }
     }
-    pc[i - i0] = ps;
-    if (two) pc[i2 - i0] = ps2;
+#pragma unroll
+    for (int t = 0; t < kTok; ++t) {
+      if (in[t]) pc[i + t * stride - i0] = ps[t];
+    }
   }
   __syncthreads();
   float* out = p.block_scores + rg * p.nb_cap;
@@ -150,17 +161,29 @@ inline size_t score_smem_bytes(int64_t h, int64_t l, int64_t d, int64_t l_sel) {
 constexpr int kSelectThreads = 256;
 
 // Top-n selection per (row, group): forced blocks (0, current, previous), then the `take` best
-// scored blocks, found as the take-th largest key by a radix select (8 passes of 8 bits over
-// the unique keys: a fixed number of block-wide steps, whatever take is); reads of the three
-// branches.
-// (row, group) rg, with kSelectThreads threads; score: select_smem_bytes.
+// scored blocks, found as the take-th largest key by a radix select (up to 8 passes of 8 bits
+// over the unique keys, whatever take is; it stops at the pass whose digit holds exactly the
+// keys still wanted); reads of the three branches.
+// (row, group) rg, with kSelectThreads threads (any multiple of 32 works); score:
+// select_smem_bytes.
 __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, float* score) {
   __shared__ uint32_t hist[256];
   __shared__ uint64_t prefix, mask;
   __shared__ int64_t remaining;
   __shared__ int64_t all[67];
-  __shared__ int n_chosen, n_tokens;
+  __shared__ int n_chosen, n_tokens, done;
   const int64_t r = div32(rg, p.G);
+  // The first four scores per thread are loaded before the row's length is known (it bounds
+  // them): both round trips at once. Entries past the row's blocks, up to the buffer's nb_cap,
+  // are read and dropped.
+  const float* src = p.block_scores + rg * p.nb_cap;
+  const int64_t stride = blockDim.x;
+  float v[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t j = threadIdx.x + u * stride;
+    v[u] = j < p.nb_cap ? src[j] : 0.f;
+  }
   const float g1 = p.gates[rg * 3 + 1];
   const RowInfo ri = row_info(p, r);
   const bool need_sel = p.compute_all || g1 != 0.f;
@@ -179,17 +202,14 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
     return;
   }
   const int64_t nb = div32(ri.L, p.l_sel);
-  {  // four loads in flight per thread before any store (a round trip to L2 each otherwise)
-    const float* src = p.block_scores + rg * p.nb_cap;
-    const int64_t stride = blockDim.x;
-    for (int64_t j = threadIdx.x; j < nb; j += 4 * stride) {
-      float v[4];
+  for (int64_t j = threadIdx.x; j < nb; j += 4 * stride) {  // four loads in flight per thread
+    if (j != threadIdx.x) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) v[u] = j + u * stride < nb ? src[j + u * stride] : 0.f;
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (j + u * stride < nb) score[j + u * stride] = v[u];
     }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (j + u * stride < nb) score[j + u * stride] = v[u];
   }
   const Forced fb = forced_blocks(ri.t, nb, p.l_sel, p.n_sel);
   const int64_t* forced = fb.block;
@@ -220,21 +240,36 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
   } else if (take > 0) {
     // The take-th largest key, 8 bits per pass from the top: count the candidates that match
     // the digits found so far, per next digit; the digit where the count from the top reaches
-    // `remaining` is the key's; the candidates above it are all taken.
+    // `remaining` is the key's; the candidates above it are all taken. When that digit's
+    // candidates are exactly the `remaining` ones, they are all taken too and the passes stop
+    // (the threshold is then the prefix itself: every key under it is below it).
+    // The digits of a pass repeat within a warp (similar scores share their top bytes, and the
+    // index's high bytes are all 0xff), so each warp adds one count per distinct digit: the
+    // shared-memory atomics on one bin no longer serialise.
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0u;  // any block size
+    if (threadIdx.x == 0) done = 0;
+    __syncthreads();
     for (int shift = 56; shift >= 0; shift -= 8) {
-      hist[threadIdx.x] = 0u;  // kSelectThreads == 256 bins
-      __syncthreads();
       const uint64_t pre = prefix, msk = mask;
-      for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
-        const uint64_t k = rank_key(score[j], j);
-        if (k != 0ull && (k & msk) == pre) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+      // Whole warps per step (blockDim.x is a multiple of 32), so every lane takes part in the
+      // match.
+      for (int64_t j0 = 0; j0 < nb; j0 += blockDim.x) {
+        const int64_t j = j0 + threadIdx.x;
+        const uint64_t k = j < nb ? rank_key(score[j], j) : 0ull;
+        const bool hit = k != 0ull && (k & msk) == pre;
+        const unsigned digit = hit ? static_cast<unsigned>(k >> shift) & 255u : 256u;
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (hit && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
       }
       __syncthreads();
       if (warp == 0) {  // lane L holds digits 255 - 8 L - u, u < 8: descending over the warp
         uint32_t c[8], sum = 0;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) sum += (c[u] = hist[255 - 8 * lane - u]);
+        for (int u = 0; u < 8; ++u) {
+          sum += (c[u] = hist[255 - 8 * lane - u]);
+          hist[255 - 8 * lane - u] = 0u;  // cleared for the next pass by the lane that read it
+        }
         uint32_t incl = sum;
 #pragma unroll
         for (int off = 1; off < 32; off *= 2) {
@@ -251,12 +286,14 @@ __device__ __forceinline__ void select_row(const StepParams& p, int64_t rg, floa
               prefix = pre | (static_cast<uint64_t>(255 - 8 * lane - u) << shift);
               mask = msk | (0xffull << shift);
               remaining = want - above;
+              done = want - above == static_cast<int64_t>(c[u]);
             }
             above += c[u];
           }
         }
       }
       __syncthreads();
+      if (done) break;  // the same shared value for every thread
     }
     const uint64_t kth = prefix;  // exactly `take` keys are >= kth (keys are unique)
     for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
