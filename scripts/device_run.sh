@@ -44,7 +44,8 @@ log "compute-sanitizer memcheck + racecheck"
 # racecheck also reports shared-memory hazards inside cuBLAS's own 16-bit GEMM kernels (nvjet_*),
 # which are not ours to fix; they are counted apart. (Filtering racecheck to our kernels with
 # --kernel-name made it fail with an internal error on these tests, so every kernel is checked.)
-SANITIZE_LIST='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*:Cuda.ShortDecode*'
+# SelectionRadixShort is the radix top-n's case short enough for racecheck (24 s); FewRow, the GEMV.
+SANITIZE_LIST='Cuda.OneHotGates*:Cuda.GraphDecode*:Cuda.TensorCorePathSmall*:Cuda.TiledPrefillSmall*:Cuda.FusedDecodeSmall*:Cuda.ShortDecode*:Cuda.SelectionRadixShort*:Cuda.FewRow*'
 for tool in memcheck racecheck; do
   filter=$SANITIZE_LIST
   [ $tool = racecheck ] && filter=${NSA_RACECHECK_FILTER:-$SANITIZE_LIST}
