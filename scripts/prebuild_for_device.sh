@@ -16,7 +16,7 @@ cp "$(ldd build-device/nsa | awk '/libfmt/ {print $3}')" .deps/prebuilt/
 # links it there.
 echo "$PWD/build-device/nsa" > .deps/prebuilt/cli_path
 git rev-parse --short HEAD > .deps/prebuilt/commit
-if ! git diff --quiet HEAD -- src include tests cmake CMakeLists.txt; then
+if ! git diff --quiet HEAD -- src include tools tests cmake CMakeLists.txt; then
   echo "+dirty" >> .deps/prebuilt/commit
 fi
 du -sh .deps

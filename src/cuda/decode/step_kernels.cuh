@@ -661,8 +661,10 @@ __device__ __forceinline__ void finish_step(const StepParams& p, uint32_t n) {
   }
 }
 
-// One (row, head) per block. At most 64 registers, so that 8 blocks of 128 threads fit an SM and
-// the 1,024 blocks of B = 16 at 64 heads run in one wave (70 registers made it 7 and 1.1 waves).
+// One (row, head) per block, of 96 to 256 threads (dv rounded up to a warp). The bounds are
+// stated for the largest block (4 x 256 threads per SM), which caps registers at 64: then 8
+// blocks of 128 threads (dv 128) fit an SM and the 1,024 blocks of B = 16 at 64 heads run in one
+// wave (70 registers made it 7 and 1.1 waves).
 template <typename T>
 __global__ void __launch_bounds__(256, 4) nsa_combine_kernel(const __grid_constant__ StepParams p) {
   __shared__ float weight[3][kMaxSplits];  // exp(m_s - M) / S per split and branch
